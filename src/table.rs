@@ -1,0 +1,505 @@
+//! The compiled routing table: built once per config push, then shared
+//! read-only by every request. A lookup hashes the request host once and each
+//! env level once: O(chain depth).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig};
+use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
+
+/// Where the caller sidecar runs, from its node metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// `NAMESPACE`: lets short names (`go`, `go.ns`) be resolved.
+    pub namespace: Option<String>,
+    /// The caller pod's env label value, as read (may be invalid).
+    pub env_label: Option<String>,
+}
+
+/// Where an alias reads the env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AliasSource {
+    Header(Box<str>),
+    Cookie(Box<str>),
+}
+
+/// Settings the request path needs, checked and normalised.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub env_header: Box<str>,
+    pub baggage_key: Option<Box<str>>,
+    pub aliases: Box<[AliasSource]>,
+    pub auto_inject: bool,
+    pub splitter: Splitter,
+    pub mode: Mode,
+    pub route_header: Box<str>,
+    pub debug_header: Box<str>,
+    /// The caller's own env, when its label holds a valid one.
+    pub own_env: Option<EnvName>,
+    pub revision: Option<Box<str>>,
+}
+
+#[derive(Debug)]
+struct Service {
+    fqdn: ServiceHost,
+    ports: Box<[u16]>,
+    /// (env id, index of its first target), sorted by env id. Cluster mode has
+    /// one target per port from there on, host mode one.
+    envs: Box<[(u32, u32)]>,
+}
+
+/// The immutable lookup structure.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub settings: Settings,
+    env_ids: FastMap<u32>,
+    env_names: Box<[EnvName]>,
+    hosts: FastMap<u32>,
+    services: Box<[Service]>,
+    targets: Box<[Box<str>]>,
+    default_env: Option<u32>,
+}
+
+/// A resolved service, as found from a request's `:authority`.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceRef<'t> {
+    service: &'t Service,
+    port_slot: usize,
+    table: &'t RoutingTable,
+}
+
+impl<'t> ServiceRef<'t> {
+    pub fn fqdn(&self) -> &'t str {
+        self.service.fqdn.as_str()
+    }
+
+    /// The target for `env_id`, when this service has that env.
+    pub fn target(&self, env_id: u32) -> Option<&'t str> {
+        let envs = &self.service.envs;
+        let at = envs.binary_search_by_key(&env_id, |&(id, _)| id).ok()?;
+        let (_, first) = envs.get(at)?;
+        let slot = match self.table.settings.mode {
+            Mode::Cluster => *first as usize + self.port_slot,
+            Mode::Host => *first as usize,
+        };
+        self.table.targets.get(slot).map(AsRef::as_ref)
+    }
+}
+
+impl RoutingTable {
+    /// Checks every field and builds the lookup structure.
+    pub fn compile(config: &PluginConfig, node: &Node) -> Result<Self, ConfigError> {
+        let splitter = Splitter::try_new(&config.splitter)
+            .map_err(|e| ConfigError::new("splitter", e))?;
+        let settings = Settings {
+            env_header: header_name("envHeader", &config.env_header)?,
+            baggage_key: match &config.baggage_key {
+                Some(k) => Some(baggage_key(k)?),
+                None => None,
+            },
+            aliases: config
+                .env_aliases
+                .iter()
+                .enumerate()
+                .map(|(i, a)| alias(i, a))
+                .collect::<Result<_, _>>()?,
+            auto_inject: config.auto_inject,
+            splitter,
+            mode: config.mode,
+            route_header: header_name("routeHeader", &config.route_header)?,
+            debug_header: header_name("debugHeader", &config.debug_header)?,
+            own_env: own_env(&config.env_label, node, splitter)?,
+            revision: config.revision.as_deref().map(Into::into),
+        };
+        if config.env_header.eq_ignore_ascii_case(&config.route_header) {
+            return Err(ConfigError::new("routeHeader", "must differ from envHeader"));
+        }
+        check_cluster_domain(&config.cluster_domain)?;
+        let template = HostTemplate::parse(&config.host_template)?;
+
+        let mut env_ids = FastMap::default();
+        let mut env_names = Vec::with_capacity(config.envs.len());
+        let mut subsets = Vec::with_capacity(config.envs.len());
+        let mut seen_subsets: HashMap<SubsetName, usize> = HashMap::new();
+        for (i, entry) in config.envs.iter().enumerate() {
+            let name = EnvName::try_new(&entry.name, splitter).map_err(|e| {
+                ConfigError::new(format!("envs[{i}].name"), format!("`{}` {e}", entry.name))
+            })?;
+            let subset = match &entry.subset {
+                Some(s) => SubsetName::try_new(s)
+                    .map_err(|e| ConfigError::new(format!("envs[{i}].subset"), e))?,
+                None => SubsetName::for_env(&name),
+            };
+            let id = u32::try_from(i).map_err(|_| ConfigError::new("envs", "too many envs"))?;
+            if env_ids.insert(name.as_str().into(), id).is_some() {
+                return Err(ConfigError::new(
+                    format!("envs[{i}].name"),
+                    format!("`{}` is listed twice", entry.name),
+                ));
+            }
+            if let Some(prev) = seen_subsets.insert(subset.clone(), i) {
+                return Err(ConfigError::new(
+                    format!("envs[{i}].subset"),
+                    format!("subset `{subset}` is also the subset of envs[{prev}]"),
+                ));
+            }
+            env_names.push(name);
+            subsets.push(subset);
+        }
+
+        let default_env = match &config.default_env {
+            None => None,
+            Some(d) => {
+                let name = EnvName::try_new(d, splitter)
+                    .map_err(|e| ConfigError::new("defaultEnv", format!("`{d}` {e}")))?;
+                // A default no service has is legal (nothing deployed yet); it
+                // then never matches.
+                env_ids.get(name.as_str()).copied()
+            }
+        };
+
+        let mut hosts = FastMap::default();
+        let mut services = Vec::with_capacity(config.services.len());
+        let mut targets: Vec<Box<str>> = Vec::new();
+        for (i, entry) in config.services.iter().enumerate() {
+            let field = |f: &str| format!("services[{i}].{f}");
+            let fqdn = ServiceHost::try_new(&entry.host)
+                .map_err(|e| ConfigError::new(field("host"), e))?;
+            if entry.ports.is_empty() || entry.ports.contains(&0) {
+                return Err(ConfigError::new(field("ports"), "must list ports 1-65535"));
+            }
+            let mut ports = entry.ports.clone();
+            ports.sort_unstable();
+            ports.dedup();
+            let parts = FqdnParts::of(fqdn.as_str(), &config.cluster_domain);
+            if mode_needs_parts(config.mode) && parts.is_none() {
+                return Err(ConfigError::new(
+                    field("host"),
+                    format!(
+                        "host mode needs name.namespace.svc.{}, got `{}`",
+                        config.cluster_domain, entry.host
+                    ),
+                ));
+            }
+            let mut envs = Vec::with_capacity(entry.envs.len());
+            for (j, &env_id) in entry.envs.iter().enumerate() {
+                let subset = subsets.get(env_id as usize).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("services[{i}].envs[{j}]"),
+                        format!("{env_id} is not an index into envs"),
+                    )
+                })?;
+                let first = u32::try_from(targets.len())
+                    .map_err(|_| ConfigError::new("services", "too many targets"))?;
+                match (config.mode, &parts) {
+                    (Mode::Cluster, _) => {
+                        for port in &ports {
+                            targets.push(format!("outbound|{port}|{subset}|{fqdn}").into());
+                        }
+                    }
+                    (Mode::Host, Some(p)) => {
+                        let host = template.render(p.name, p.namespace, subset.as_str(), &config.cluster_domain);
+                        let host = ServiceHost::try_new(&host)
+                            .map_err(|e| ConfigError::new("hostTemplate", e))?;
+                        targets.push(host.as_str().into());
+                    }
+                    (Mode::Host, None) => {}
+                }
+                envs.push((env_id, first));
+            }
+            envs.sort_unstable_by_key(|&(id, _)| id);
+            if envs.windows(2).any(|w| matches!(w, [a, b] if a.0 == b.0)) {
+                return Err(ConfigError::new(field("envs"), "lists an env twice"));
+            }
+            let index = u32::try_from(i).map_err(|_| ConfigError::new("services", "too many"))?;
+            if hosts.insert(fqdn.as_str().into(), index).is_some() {
+                return Err(ConfigError::new(field("host"), format!("`{}` is listed twice", entry.host)));
+            }
+            services.push(Service {
+                fqdn,
+                ports: ports.into(),
+                envs: envs.into(),
+            });
+        }
+
+        // Short names second, so a full name always wins over another
+        // service's short alias.
+        for (index, service) in (0u32..).zip(services.iter()) {
+            let parts = FqdnParts::of(service.fqdn.as_str(), &config.cluster_domain);
+            for alias in short_aliases(parts.as_ref(), node.namespace.as_deref()) {
+                hosts.entry(alias.into()).or_insert(index);
+            }
+        }
+
+        Ok(Self {
+            settings,
+            env_ids,
+            env_names: env_names.into(),
+            hosts,
+            services: services.into(),
+            targets: targets.into(),
+            default_env,
+        })
+    }
+
+    /// The service `:authority` names, and which of its ports it uses. `None`
+    /// when the host is not in the table or the port is not one of its ports.
+    pub fn service(&self, authority: &str) -> Option<ServiceRef<'_>> {
+        let (host, port) = split_authority(authority)?;
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let index = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            *self.hosts.get(host.to_ascii_lowercase().as_str())?
+        } else {
+            *self.hosts.get(host)?
+        } as usize;
+        let service = self.services.get(index)?;
+        let port_slot = match port {
+            Some(p) => service.ports.iter().position(|&q| q == p)?,
+            // No port: HTTP's 80 when the service has it, else its only port.
+            None => match service.ports.iter().position(|&q| q == 80) {
+                Some(slot) => slot,
+                None if service.ports.len() == 1 => 0,
+                None => return None,
+            },
+        };
+        Some(ServiceRef {
+            service,
+            port_slot,
+            table: self,
+        })
+    }
+
+    pub fn env_id(&self, env: &str) -> Option<u32> {
+        self.env_ids.get(env).copied()
+    }
+
+    pub fn env_name(&self, id: u32) -> Option<&EnvName> {
+        self.env_names.get(id as usize)
+    }
+
+    pub fn default_env(&self) -> Option<u32> {
+        self.default_env
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn pair_count(&self) -> usize {
+        self.services.iter().map(|s| s.envs.len()).sum()
+    }
+}
+
+fn mode_needs_parts(mode: Mode) -> bool {
+    mode == Mode::Host
+}
+
+/// `name.namespace.svc.<domain>` split up.
+struct FqdnParts<'a> {
+    name: &'a str,
+    namespace: &'a str,
+}
+
+impl<'a> FqdnParts<'a> {
+    fn of(fqdn: &'a str, cluster_domain: &str) -> Option<Self> {
+        let rest = fqdn.strip_suffix(cluster_domain)?.strip_suffix(".svc.")?;
+        let (name, namespace) = rest.split_once('.')?;
+        (!namespace.contains('.')).then_some(Self { name, namespace })
+    }
+}
+
+/// The other names a request may use for a Kubernetes service: `name.ns.svc`,
+/// `name.ns`, and `name` when the caller is in the same namespace.
+fn short_aliases(parts: Option<&FqdnParts<'_>>, caller_namespace: Option<&str>) -> Vec<String> {
+    let mut aliases = Vec::new();
+    if let Some(p) = parts {
+        aliases.push(format!("{}.{}.svc", p.name, p.namespace));
+        aliases.push(format!("{}.{}", p.name, p.namespace));
+        if caller_namespace == Some(p.namespace) {
+            aliases.push(p.name.to_string());
+        }
+    }
+    aliases
+}
+
+/// Splits `host[:port]`; `[v6]:port` keeps the brackets. `None` for a bad port.
+pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let port_at = match authority.rfind(':') {
+        Some(i) if !authority.ends_with(']') => i,
+        _ => return Some((authority, None)),
+    };
+    let host = authority.get(..port_at)?;
+    if host.contains(':') && !host.ends_with(']') {
+        // A bare IPv6 address without brackets: no port.
+        return Some((authority, None));
+    }
+    let port = authority.get(port_at + 1..)?.parse().ok()?;
+    Some((host, Some(port)))
+}
+
+/// Header names are compared lower-case (Envoy lower-cases them).
+fn header_name(field: &str, name: &str) -> Result<Box<str>, ConfigError> {
+    let ok = !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(name.to_ascii_lowercase().into())
+    } else {
+        Err(ConfigError::new(field, format!("`{name}` is not an HTTP header name")))
+    }
+}
+
+fn baggage_key(key: &str) -> Result<Box<str>, ConfigError> {
+    // W3C baggage keys are RFC 7230 tokens, compared as written.
+    let ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(key.into())
+    } else {
+        Err(ConfigError::new("baggageKey", format!("`{key}` is not a baggage key")))
+    }
+}
+
+fn alias(i: usize, a: &EnvAlias) -> Result<AliasSource, ConfigError> {
+    let field = format!("envAliases[{i}]");
+    match (&a.header, &a.cookie) {
+        (Some(h), None) => Ok(AliasSource::Header(header_name(&format!("{field}.header"), h)?)),
+        (None, Some(c)) if !c.is_empty() && !c.contains([';', '=', ' ', ',']) => {
+            Ok(AliasSource::Cookie(c.as_str().into()))
+        }
+        (None, Some(c)) => Err(ConfigError::new(
+            format!("{field}.cookie"),
+            format!("`{c}` is not a cookie name"),
+        )),
+        _ => Err(ConfigError::new(field, "set exactly one of `header` and `cookie`")),
+    }
+}
+
+fn own_env(label: &str, node: &Node, splitter: Splitter) -> Result<Option<EnvName>, ConfigError> {
+    if label.is_empty() || label.len() > 317 {
+        return Err(ConfigError::new("envLabel", "must be a pod label key"));
+    }
+    // An invalid label value is the pod's problem, not the config's: no own env.
+    Ok(node
+        .env_label
+        .as_deref()
+        .filter(|v| check_env(v, splitter).is_ok())
+        .and_then(|v| EnvName::try_new(v, splitter).ok()))
+}
+
+fn check_cluster_domain(domain: &str) -> Result<(), ConfigError> {
+    ServiceHost::try_new(domain)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new("clusterDomain", e))
+}
+
+/// `hostTemplate` split into literal text and placeholders.
+#[derive(Debug)]
+struct HostTemplate(Vec<Piece>);
+
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Name,
+    Namespace,
+    Subset,
+    ClusterDomain,
+}
+
+impl HostTemplate {
+    fn parse(template: &str) -> Result<Self, ConfigError> {
+        let err = |m: String| ConfigError::new("hostTemplate", m);
+        let mut pieces = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let (text, tail) = rest.split_at(open);
+            if !text.is_empty() {
+                pieces.push(Piece::Text(text.to_string()));
+            }
+            let close = tail
+                .find('}')
+                .ok_or_else(|| err(format!("unclosed `{{` in `{template}`")))?;
+            pieces.push(match tail.get(1..close) {
+                Some("name") => Piece::Name,
+                Some("namespace") => Piece::Namespace,
+                Some("subset") => Piece::Subset,
+                Some("clusterDomain") => Piece::ClusterDomain,
+                other => {
+                    return Err(err(format!(
+                        "unknown placeholder `{}`; use {{name}}, {{namespace}}, {{subset}}, {{clusterDomain}}", other.unwrap_or("")
+                    )))
+                }
+            });
+            rest = tail.get(close + 1..).unwrap_or("");
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        if !pieces.iter().any(|p| matches!(p, Piece::Subset)) {
+            return Err(err("must contain {subset}".into()));
+        }
+        Ok(Self(pieces))
+    }
+
+    fn render(&self, name: &str, namespace: &str, subset: &str, domain: &str) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.as_str(),
+                Piece::Name => name,
+                Piece::Namespace => namespace,
+                Piece::Subset => subset,
+                Piece::ClusterDomain => domain,
+            })
+            .collect()
+    }
+}
+
+/// FxHash (as in rustc): a few cycles per word. Keys come from the config,
+/// so there is no untrusted insert to flood.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let mut last = [0u8; 8];
+        let rem = chunks.remainder();
+        if let Some(dst) = last.get_mut(..rem.len()) {
+            dst.copy_from_slice(rem);
+        }
+        self.add(u64::from_le_bytes(last) ^ ((rem.len() as u64) << 56));
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<V> = HashMap<Box<str>, V, BuildHasherDefault<FxHasher>>;

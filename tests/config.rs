@@ -1,0 +1,101 @@
+//! Config parsing and validation: every bad field is named.
+mod common;
+
+use common::{alibaba, compile, config};
+use envlane::config::{parse, Mode, PluginConfig};
+use envlane::table::{Node, RoutingTable};
+
+fn check(json: &str) -> Result<RoutingTable, String> {
+    let cfg = parse(json.as_bytes()).map_err(|e| e.field)?;
+    RoutingTable::compile(&cfg, &Node::default()).map_err(|e| e.field)
+}
+
+#[test]
+fn bad_fields_are_named() {
+    let svc = r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0]}"#;
+    let cases: &[(&str, &str)] = &[
+        (r#"{"envHeaderz":"x"}"#, "envHeaderz"),
+        (r#"{"envHeader":"bad header"}"#, "envHeader"),
+        (r#"{"envHeader":7}"#, "envHeader"),
+        (r#"{"routeHeader":":authority"}"#, "routeHeader"),
+        (r#"{"routeHeader":"X-Virtual-Env"}"#, "routeHeader"),
+        (r#"{"debugHeader":""}"#, "debugHeader"),
+        (r#"{"splitter":"ab"}"#, "splitter"),
+        (r#"{"mode":"subset"}"#, "mode"),
+        (r#"{"autoInject":"yes"}"#, "autoInject"),
+        (r#"{"baggageKey":"a b"}"#, "baggageKey"),
+        (r#"{"envAliases":[{"header":"x","cookie":"y"}]}"#, "envAliases[0]"),
+        (r#"{"envAliases":[{}]}"#, "envAliases[0]"),
+        (r#"{"envAliases":[{"cookie":"a;b"}]}"#, "envAliases[0].cookie"),
+        (r#"{"envAliases":[{"header":"ok"},{"headr":"x"}]}"#, "envAliases[1].headr"),
+        (r#"{"defaultEnv":"dev..x"}"#, "defaultEnv"),
+        (r#"{"clusterDomain":"Cluster.Local"}"#, "clusterDomain"),
+        (r#"{"hostTemplate":"{name}.{ns}"}"#, "hostTemplate"),
+        (r#"{"hostTemplate":"{name}-x"}"#, "hostTemplate"),
+        (r#"{"envs":[{"name":"dev"},{"name":"dev"}]}"#, "envs[1].name"),
+        (r#"{"envs":[{"name":"a b"}]}"#, "envs[0].name"),
+        (r#"{"envs":[{"name":"a","subset":"x"},{"name":"b","subset":"x"}]}"#, "envs[1].subset"),
+        (r#"{"envs":[{"name":"a","subset":"A_1"}]}"#, "envs[0].subset"),
+        (r#"{"envs":[{"name":"a","color":"red"}]}"#, "envs[0].color"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[1]}]}"#, "services[0].envs[0]"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"A","ports":[80],"envs":[0]}]}"#, "services[0].host"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[],"envs":[0]}]}"#, "services[0].ports"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[70000],"envs":[0]}]}"#, "services[0].ports"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80],"envs":[0,0]}]}"#, "services[0].envs"),
+        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80]}]}"#, "services[0]"),
+        (r#"{"envs":[{"name":"a"}],"mode":"host","services":[{"host":"a.b.c","ports":[80],"envs":[0]}]}"#, "services[0].host"),
+        (&format!(r#"{{"envs":[{{"name":"a"}}],"services":[{svc},{svc}]}}"#), "services[1].host"),
+        ("[1,2]", "(document)"),
+        ("{", "(document)"),
+    ];
+    for (json, field) in cases {
+        match check(json) {
+            Ok(_) => panic!("{json} was accepted"),
+            Err(f) => assert_eq!(f, *field, "{json}"),
+        }
+    }
+}
+
+#[test]
+fn error_is_one_line_naming_the_field() {
+    let err = parse(br#"{"services":[{"host":"a","ports":["80"],"envs":[]}]}"#).unwrap_err();
+    let line = err.to_string();
+    assert!(line.starts_with("invalid envlane config: field `services[0].ports`:"), "{line}");
+    assert!(!line.contains('\n'));
+}
+
+#[test]
+fn empty_and_default_configs_are_valid() {
+    for json in ["", "  ", "{}", r#"{"mode":"host","defaultEnv":"dev"}"#] {
+        assert!(check(json).is_ok(), "{json:?}");
+    }
+    let cfg = parse(b"{}").unwrap();
+    assert_eq!(cfg, PluginConfig::default());
+    assert_eq!(cfg.env_header, "x-virtual-env");
+    assert_eq!(cfg.env_label, "virtual-env");
+    assert_eq!(cfg.splitter, ".");
+    assert!(cfg.auto_inject && cfg.baggage_key.is_none() && cfg.mode == Mode::Cluster);
+}
+
+#[test]
+fn serialized_config_round_trips() {
+    let cfg = alibaba(Mode::Host);
+    let json = serde_json::to_string(&cfg).unwrap();
+    assert_eq!(parse(json.as_bytes()).unwrap(), cfg);
+}
+
+/// 100,000 (service, env) pairs must fit one Kubernetes object (1.5 MiB),
+/// and the compiled table must answer for all of them.
+#[test]
+fn hundred_thousand_pairs_fit_in_one_object() {
+    let envs: Vec<String> = (0..100).map(|i| format!("dev.team{}.user{i}", i % 10)).collect();
+    let env_refs: Vec<&str> = envs.iter().map(String::as_str).collect();
+    let hosts: Vec<String> = (0..1000).map(|i| format!("service-{i:04}.team-ns.svc.cluster.local")).collect();
+    let services: Vec<(&str, u16, &[&str])> = hosts.iter().map(|h| (h.as_str(), 8080, &env_refs[..])).collect();
+    let cfg = config(&services, Some("dev.team0.user0"));
+    let json = serde_json::to_vec(&cfg).unwrap();
+    assert!(json.len() < 1_572_864, "{} bytes", json.len());
+    let table = compile(&parse(&json).unwrap(), "team-ns", None);
+    assert_eq!(table.pair_count(), 100_000);
+    assert_eq!(table.service_count(), 1000);
+}
