@@ -179,7 +179,11 @@ impl ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid envlane config: field `{}`: {}", self.field, self.problem)
+        write!(
+            f,
+            "invalid envlane config: field `{}`: {}",
+            self.field, self.problem
+        )
     }
 }
 
@@ -204,7 +208,10 @@ pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
 }
 
 /// Finds the path of the first member of `value` that `T` refuses on its own.
-fn locate<T: serde::de::DeserializeOwned>(value: &serde_json::Value, prefix: &str) -> Option<String> {
+fn locate<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    prefix: &str,
+) -> Option<String> {
     use serde_json::Value;
     let Value::Object(map) = value else {
         return None;
@@ -231,7 +238,10 @@ fn locate<T: serde::de::DeserializeOwned>(value: &serde_json::Value, prefix: &st
     None
 }
 
-fn locate_items<T: serde::de::DeserializeOwned>(items: &[serde_json::Value], path: &str) -> Option<String> {
+fn locate_items<T: serde::de::DeserializeOwned>(
+    items: &[serde_json::Value],
+    path: &str,
+) -> Option<String> {
     items.iter().enumerate().find_map(|(i, item)| {
         T::deserialize(item).err().map(|_| {
             let at = format!("{path}[{i}]");

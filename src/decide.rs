@@ -51,7 +51,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [Self::Exact, Self::Fallback, Self::Default, Self::Passthrough];
+    pub const ALL: [Outcome; 4] = [
+        Self::Exact,
+        Self::Fallback,
+        Self::Default,
+        Self::Passthrough,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -74,20 +79,40 @@ pub struct Resolution<'t> {
 
 /// Walks `env` (already valid) from most to least specific; the first level
 /// the service has wins, then the default env, else passthrough.
-pub fn resolve<'t>(table: &'t RoutingTable, env: Option<&str>, service: &ServiceRef<'t>) -> Resolution<'t> {
+pub fn resolve<'t>(
+    table: &'t RoutingTable,
+    env: Option<&str>,
+    service: &ServiceRef<'t>,
+) -> Resolution<'t> {
     let mut levels_tried = 0;
     if let Some(env) = env {
         for level in Chain::new(env, table.settings.splitter) {
             levels_tried += 1;
             if let Some(target) = table.env_id(level).and_then(|id| service.target(id)) {
-                let outcome = if levels_tried == 1 { Outcome::Exact } else { Outcome::Fallback };
-                return Resolution { outcome, target: Some(target), levels_tried };
+                let outcome = if levels_tried == 1 {
+                    Outcome::Exact
+                } else {
+                    Outcome::Fallback
+                };
+                return Resolution {
+                    outcome,
+                    target: Some(target),
+                    levels_tried,
+                };
             }
         }
     }
     match table.default_env().and_then(|id| service.target(id)) {
-        Some(target) => Resolution { outcome: Outcome::Default, target: Some(target), levels_tried },
-        None => Resolution { outcome: Outcome::Passthrough, target: None, levels_tried },
+        Some(target) => Resolution {
+            outcome: Outcome::Default,
+            target: Some(target),
+            levels_tried,
+        },
+        None => Resolution {
+            outcome: Outcome::Passthrough,
+            target: None,
+            levels_tried,
+        },
     }
 }
 
@@ -132,7 +157,11 @@ pub struct FoundEnv<'a> {
 /// The first valid value wins; invalid values are noted and skipped.
 pub fn find_env<'t>(table: &'t RoutingTable, headers: &impl Headers) -> FoundEnv<'t> {
     let s = &table.settings;
-    let mut found = FoundEnv { env: None, invalid: None, env_header_present: false };
+    let mut found = FoundEnv {
+        env: None,
+        invalid: None,
+        env_header_present: false,
+    };
     let consider = |found: &mut FoundEnv<'t>, value: String, source: Source| -> bool {
         if check_env(&value, s.splitter).is_ok() {
             found.env = Some((Cow::Owned(value), source));
@@ -185,17 +214,27 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
     let service = authority.as_deref().and_then(|a| table.service(a));
     let resolution = match &service {
         Some(svc) => resolve(table, env, svc),
-        None => Resolution { outcome: Outcome::Passthrough, target: None, levels_tried: 0 },
+        None => Resolution {
+            outcome: Outcome::Passthrough,
+            target: None,
+            levels_tried: 0,
+        },
     };
 
     let (route_to_cluster, rewrite_authority) = match (s.mode, resolution.target) {
         (Mode::Cluster, Some(t)) => (Some(t), None),
         (Mode::Host, Some(t)) => {
-            let port = authority.as_deref().and_then(split_authority).and_then(|(_, p)| p);
-            (None, Some(match port {
-                Some(p) => format!("{t}:{p}"),
-                None => t.to_string(),
-            }))
+            let port = authority
+                .as_deref()
+                .and_then(split_authority)
+                .and_then(|(_, p)| p);
+            (
+                None,
+                Some(match port {
+                    Some(p) => format!("{t}:{p}"),
+                    None => t.to_string(),
+                }),
+            )
         }
         (_, None) => (None, None),
     };
@@ -205,9 +244,9 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         }
         _ => None,
     };
-    let explanation = headers.get(&s.debug_header).map(|_| {
-        explain(table, &found, service.as_ref(), &resolution)
-    });
+    let explanation = headers
+        .get(&s.debug_header)
+        .map(|_| explain(table, &found, service.as_ref(), &resolution));
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),
@@ -222,7 +261,12 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
 /// One line for the `x-envlane-decision` response header, e.g.
 /// `env=dev.proj1.user9; source=header; service=go.demo.svc.cluster.local;
 /// tried=dev.proj1.user9,dev.proj1; outcome=fallback; target=outbound|...`.
-fn explain(table: &RoutingTable, found: &FoundEnv<'_>, service: Option<&ServiceRef<'_>>, r: &Resolution<'_>) -> String {
+fn explain(
+    table: &RoutingTable,
+    found: &FoundEnv<'_>,
+    service: Option<&ServiceRef<'_>>,
+    r: &Resolution<'_>,
+) -> String {
     let mut out = String::with_capacity(160);
     let (env, source) = match &found.env {
         Some((e, src)) => (e.as_ref(), src.as_str()),
@@ -231,19 +275,34 @@ fn explain(table: &RoutingTable, found: &FoundEnv<'_>, service: Option<&ServiceR
     let _ = write!(out, "env={env}; source={source}; ");
     if let Some(bad) = &found.invalid {
         // Printable ASCII only: a response header must stay valid.
-        let shown: String = bad.chars().take(64).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
+        let shown: String = bad
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
         let _ = write!(out, "invalid={shown}; ");
     }
     let _ = write!(out, "service={}; tried=", service.map_or("-", |s| s.fqdn()));
     if let Some((e, _)) = &found.env {
-        let levels: Vec<&str> = Chain::new(e, table.settings.splitter).take(r.levels_tried).collect();
+        let levels: Vec<&str> = Chain::new(e, table.settings.splitter)
+            .take(r.levels_tried)
+            .collect();
         out.push_str(&levels.join(","));
     }
     if r.outcome == Outcome::Default || (r.outcome == Outcome::Passthrough && service.is_some()) {
         if let Some(d) = table.default_env().and_then(|id| table.env_name(id)) {
-            let _ = write!(out, "{}default:{d}", if r.levels_tried > 0 { "," } else { "" });
+            let _ = write!(
+                out,
+                "{}default:{d}",
+                if r.levels_tried > 0 { "," } else { "" }
+            );
         }
     }
-    let _ = write!(out, "; outcome={}; target={}", r.outcome.as_str(), r.target.unwrap_or("-"));
+    let _ = write!(
+        out,
+        "; outcome={}; target={}",
+        r.outcome.as_str(),
+        r.target.unwrap_or("-")
+    );
     out
 }

@@ -124,12 +124,19 @@ struct HostHeaders;
 
 impl Headers for HostHeaders {
     fn get(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
     }
 
     fn get_all(&self, name: &str) -> Vec<String> {
         hostcalls::get_map(MapType::HttpRequestHeaders)
-            .map(|all| all.into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect())
+            .map(|all| {
+                all.into_iter()
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| v)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -169,7 +176,11 @@ impl HttpContext for EnvlaneHttp {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         if let Some(text) = self.explanation.take() {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, DECISION_HEADER, Some(&text));
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                DECISION_HEADER,
+                Some(&text),
+            );
         }
         Action::Continue
     }

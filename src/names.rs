@@ -336,7 +336,16 @@ mod tests {
         for ok in ["go", "go.demo.svc.cluster.local", "a-b.c1"] {
             assert!(ServiceHost::try_new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Go", "go..x", "-go", "go-", "go_x", "go:80", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Go",
+            "go..x",
+            "-go",
+            "go-",
+            "go_x",
+            "go:80",
+            &"a".repeat(64),
+        ] {
             assert!(ServiceHost::try_new(bad).is_err(), "{bad}");
         }
     }
@@ -368,7 +377,9 @@ mod tests {
         assert_eq!(subsets[0].as_str(), "dev");
         assert_eq!(subsets[8].as_str(), "dev-feature1");
         assert!(subsets[1].as_str().starts_with("dev-proj1-"));
-        let long = SubsetName::for_env(&EnvName::try_new(&"a.".repeat(8).trim_end_matches('.').repeat(1), dot()).unwrap());
+        let long = SubsetName::for_env(
+            &EnvName::try_new(&"a.".repeat(8).trim_end_matches('.').repeat(1), dot()).unwrap(),
+        );
         assert!(long.as_str().len() <= 63);
         let max = SubsetName::for_env(&EnvName::try_new(&"x".repeat(128), dot()).unwrap());
         assert!(max.as_str().len() <= 63, "{max}");

@@ -73,7 +73,11 @@ where
                 return None;
             }
             let v = trim_ows(v);
-            Some(v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v))
+            Some(
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v),
+            )
         })
 }
 
@@ -88,7 +92,11 @@ mod tests {
             (&["a=1,lane=x"], "lane", Some("x")),
             (&["a=1 , lane = x ; ttl=3 ; p"], "lane", Some("x")),
             (&["\tlane\t=\tx\t"], "lane", Some("x")),
-            (&["a=1", "lane=second-header"], "lane", Some("second-header")),
+            (
+                &["a=1", "lane=second-header"],
+                "lane",
+                Some("second-header"),
+            ),
             (&["lane=first", "lane=second"], "lane", Some("first")),
             (&["lane=dev%2Eproj1"], "lane", Some("dev.proj1")),
             (&["lane=dev%2eproj1"], "lane", Some("dev.proj1")),
@@ -122,7 +130,11 @@ mod tests {
             (&["t=a=b; VirtualEnv=x=y"], "VirtualEnv", Some("x=y")),
         ];
         for (headers, name, want) in cases {
-            assert_eq!(cookie_value(headers.iter().copied(), name), *want, "{headers:?}");
+            assert_eq!(
+                cookie_value(headers.iter().copied(), name),
+                *want,
+                "{headers:?}"
+            );
         }
     }
 }

@@ -90,8 +90,8 @@ impl<'t> ServiceRef<'t> {
 impl RoutingTable {
     /// Checks every field and builds the lookup structure.
     pub fn compile(config: &PluginConfig, node: &Node) -> Result<Self, ConfigError> {
-        let splitter = Splitter::try_new(&config.splitter)
-            .map_err(|e| ConfigError::new("splitter", e))?;
+        let splitter =
+            Splitter::try_new(&config.splitter).map_err(|e| ConfigError::new("splitter", e))?;
         let settings = Settings {
             env_header: header_name("envHeader", &config.env_header)?,
             baggage_key: match &config.baggage_key {
@@ -113,7 +113,10 @@ impl RoutingTable {
             revision: config.revision.as_deref().map(Into::into),
         };
         if config.env_header.eq_ignore_ascii_case(&config.route_header) {
-            return Err(ConfigError::new("routeHeader", "must differ from envHeader"));
+            return Err(ConfigError::new(
+                "routeHeader",
+                "must differ from envHeader",
+            ));
         }
         check_cluster_domain(&config.cluster_domain)?;
         let template = HostTemplate::parse(&config.host_template)?;
@@ -199,7 +202,12 @@ impl RoutingTable {
                         }
                     }
                     (Mode::Host, Some(p)) => {
-                        let host = template.render(p.name, p.namespace, subset.as_str(), &config.cluster_domain);
+                        let host = template.render(
+                            p.name,
+                            p.namespace,
+                            subset.as_str(),
+                            &config.cluster_domain,
+                        );
                         let host = ServiceHost::try_new(&host)
                             .map_err(|e| ConfigError::new("hostTemplate", e))?;
                         targets.push(host.as_str().into());
@@ -214,7 +222,10 @@ impl RoutingTable {
             }
             let index = u32::try_from(i).map_err(|_| ConfigError::new("services", "too many"))?;
             if hosts.insert(fqdn.as_str().into(), index).is_some() {
-                return Err(ConfigError::new(field("host"), format!("`{}` is listed twice", entry.host)));
+                return Err(ConfigError::new(
+                    field("host"),
+                    format!("`{}` is listed twice", entry.host),
+                ));
             }
             services.push(Service {
                 fqdn,
@@ -348,7 +359,10 @@ fn header_name(field: &str, name: &str) -> Result<Box<str>, ConfigError> {
     if ok {
         Ok(name.to_ascii_lowercase().into())
     } else {
-        Err(ConfigError::new(field, format!("`{name}` is not an HTTP header name")))
+        Err(ConfigError::new(
+            field,
+            format!("`{name}` is not an HTTP header name"),
+        ))
     }
 }
 
@@ -361,14 +375,20 @@ fn baggage_key(key: &str) -> Result<Box<str>, ConfigError> {
     if ok {
         Ok(key.into())
     } else {
-        Err(ConfigError::new("baggageKey", format!("`{key}` is not a baggage key")))
+        Err(ConfigError::new(
+            "baggageKey",
+            format!("`{key}` is not a baggage key"),
+        ))
     }
 }
 
 fn alias(i: usize, a: &EnvAlias) -> Result<AliasSource, ConfigError> {
     let field = format!("envAliases[{i}]");
     match (&a.header, &a.cookie) {
-        (Some(h), None) => Ok(AliasSource::Header(header_name(&format!("{field}.header"), h)?)),
+        (Some(h), None) => Ok(AliasSource::Header(header_name(
+            &format!("{field}.header"),
+            h,
+        )?)),
         (None, Some(c)) if !c.is_empty() && !c.contains([';', '=', ' ', ',']) => {
             Ok(AliasSource::Cookie(c.as_str().into()))
         }
@@ -376,7 +396,10 @@ fn alias(i: usize, a: &EnvAlias) -> Result<AliasSource, ConfigError> {
             format!("{field}.cookie"),
             format!("`{c}` is not a cookie name"),
         )),
-        _ => Err(ConfigError::new(field, "set exactly one of `header` and `cookie`")),
+        _ => Err(ConfigError::new(
+            field,
+            "set exactly one of `header` and `cookie`",
+        )),
     }
 }
 

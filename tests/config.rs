@@ -24,27 +24,69 @@ fn bad_fields_are_named() {
         (r#"{"mode":"subset"}"#, "mode"),
         (r#"{"autoInject":"yes"}"#, "autoInject"),
         (r#"{"baggageKey":"a b"}"#, "baggageKey"),
-        (r#"{"envAliases":[{"header":"x","cookie":"y"}]}"#, "envAliases[0]"),
+        (
+            r#"{"envAliases":[{"header":"x","cookie":"y"}]}"#,
+            "envAliases[0]",
+        ),
         (r#"{"envAliases":[{}]}"#, "envAliases[0]"),
-        (r#"{"envAliases":[{"cookie":"a;b"}]}"#, "envAliases[0].cookie"),
-        (r#"{"envAliases":[{"header":"ok"},{"headr":"x"}]}"#, "envAliases[1].headr"),
+        (
+            r#"{"envAliases":[{"cookie":"a;b"}]}"#,
+            "envAliases[0].cookie",
+        ),
+        (
+            r#"{"envAliases":[{"header":"ok"},{"headr":"x"}]}"#,
+            "envAliases[1].headr",
+        ),
         (r#"{"defaultEnv":"dev..x"}"#, "defaultEnv"),
         (r#"{"clusterDomain":"Cluster.Local"}"#, "clusterDomain"),
         (r#"{"hostTemplate":"{name}.{ns}"}"#, "hostTemplate"),
         (r#"{"hostTemplate":"{name}-x"}"#, "hostTemplate"),
-        (r#"{"envs":[{"name":"dev"},{"name":"dev"}]}"#, "envs[1].name"),
+        (
+            r#"{"envs":[{"name":"dev"},{"name":"dev"}]}"#,
+            "envs[1].name",
+        ),
         (r#"{"envs":[{"name":"a b"}]}"#, "envs[0].name"),
-        (r#"{"envs":[{"name":"a","subset":"x"},{"name":"b","subset":"x"}]}"#, "envs[1].subset"),
-        (r#"{"envs":[{"name":"a","subset":"A_1"}]}"#, "envs[0].subset"),
+        (
+            r#"{"envs":[{"name":"a","subset":"x"},{"name":"b","subset":"x"}]}"#,
+            "envs[1].subset",
+        ),
+        (
+            r#"{"envs":[{"name":"a","subset":"A_1"}]}"#,
+            "envs[0].subset",
+        ),
         (r#"{"envs":[{"name":"a","color":"red"}]}"#, "envs[0].color"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[1]}]}"#, "services[0].envs[0]"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"A","ports":[80],"envs":[0]}]}"#, "services[0].host"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[],"envs":[0]}]}"#, "services[0].ports"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[70000],"envs":[0]}]}"#, "services[0].ports"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80],"envs":[0,0]}]}"#, "services[0].envs"),
-        (r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80]}]}"#, "services[0]"),
-        (r#"{"envs":[{"name":"a"}],"mode":"host","services":[{"host":"a.b.c","ports":[80],"envs":[0]}]}"#, "services[0].host"),
-        (&format!(r#"{{"envs":[{{"name":"a"}}],"services":[{svc},{svc}]}}"#), "services[1].host"),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[1]}]}"#,
+            "services[0].envs[0]",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"A","ports":[80],"envs":[0]}]}"#,
+            "services[0].host",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[],"envs":[0]}]}"#,
+            "services[0].ports",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[70000],"envs":[0]}]}"#,
+            "services[0].ports",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80],"envs":[0,0]}]}"#,
+            "services[0].envs",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80]}]}"#,
+            "services[0]",
+        ),
+        (
+            r#"{"envs":[{"name":"a"}],"mode":"host","services":[{"host":"a.b.c","ports":[80],"envs":[0]}]}"#,
+            "services[0].host",
+        ),
+        (
+            &format!(r#"{{"envs":[{{"name":"a"}}],"services":[{svc},{svc}]}}"#),
+            "services[1].host",
+        ),
         ("[1,2]", "(document)"),
         ("{", "(document)"),
     ];
@@ -60,7 +102,10 @@ fn bad_fields_are_named() {
 fn error_is_one_line_naming_the_field() {
     let err = parse(br#"{"services":[{"host":"a","ports":["80"],"envs":[]}]}"#).unwrap_err();
     let line = err.to_string();
-    assert!(line.starts_with("invalid envlane config: field `services[0].ports`:"), "{line}");
+    assert!(
+        line.starts_with("invalid envlane config: field `services[0].ports`:"),
+        "{line}"
+    );
     assert!(!line.contains('\n'));
 }
 
@@ -88,10 +133,17 @@ fn serialized_config_round_trips() {
 /// and the compiled table must answer for all of them.
 #[test]
 fn hundred_thousand_pairs_fit_in_one_object() {
-    let envs: Vec<String> = (0..100).map(|i| format!("dev.team{}.user{i}", i % 10)).collect();
+    let envs: Vec<String> = (0..100)
+        .map(|i| format!("dev.team{}.user{i}", i % 10))
+        .collect();
     let env_refs: Vec<&str> = envs.iter().map(String::as_str).collect();
-    let hosts: Vec<String> = (0..1000).map(|i| format!("service-{i:04}.team-ns.svc.cluster.local")).collect();
-    let services: Vec<(&str, u16, &[&str])> = hosts.iter().map(|h| (h.as_str(), 8080, &env_refs[..])).collect();
+    let hosts: Vec<String> = (0..1000)
+        .map(|i| format!("service-{i:04}.team-ns.svc.cluster.local"))
+        .collect();
+    let services: Vec<(&str, u16, &[&str])> = hosts
+        .iter()
+        .map(|h| (h.as_str(), 8080, &env_refs[..]))
+        .collect();
     let cfg = config(&services, Some("dev.team0.user0"));
     let json = serde_json::to_vec(&cfg).unwrap();
     assert!(json.len() < 1_572_864, "{} bytes", json.len());

@@ -10,36 +10,121 @@ use envlane::decide::{plan, Outcome};
 fn hierarchy_falls_back_level_by_level() {
     let table = compile(&alibaba(Mode::Cluster), "demo", None);
     let cases: &[(Option<&str>, &str, Outcome, Option<&str>)] = &[
-        (Some("dev.proj1"), "node:8080", Outcome::Exact, Some("dev.proj1")),
+        (
+            Some("dev.proj1"),
+            "node:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
         (Some("dev.proj1"), "go:8080", Outcome::Fallback, Some("dev")),
-        (Some("dev.proj1"), "java:8080", Outcome::Exact, Some("dev.proj1")),
-        (Some("dev.proj1.feature1"), "java:8080", Outcome::Exact, Some("dev.proj1.feature1")),
-        (Some("dev.proj1.feature1"), "node:8080", Outcome::Fallback, Some("dev.proj1")),
-        (Some("dev.proj1.feature1"), "go:8080", Outcome::Fallback, Some("dev")),
-        (Some("dev.proj2"), "go:8080", Outcome::Exact, Some("dev.proj2")),
-        (Some("dev.proj2"), "java:8080", Outcome::Fallback, Some("dev")),
+        (
+            Some("dev.proj1"),
+            "java:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1.feature1"),
+            "java:8080",
+            Outcome::Exact,
+            Some("dev.proj1.feature1"),
+        ),
+        (
+            Some("dev.proj1.feature1"),
+            "node:8080",
+            Outcome::Fallback,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1.feature1"),
+            "go:8080",
+            Outcome::Fallback,
+            Some("dev"),
+        ),
+        (
+            Some("dev.proj2"),
+            "go:8080",
+            Outcome::Exact,
+            Some("dev.proj2"),
+        ),
+        (
+            Some("dev.proj2"),
+            "java:8080",
+            Outcome::Fallback,
+            Some("dev"),
+        ),
         // Nobody deployed user9: still one level up, not straight to the default.
-        (Some("dev.proj1.user9"), "node:8080", Outcome::Fallback, Some("dev.proj1")),
-        (Some("dev.proj1.user9"), "java:8080", Outcome::Fallback, Some("dev.proj1")),
+        (
+            Some("dev.proj1.user9"),
+            "node:8080",
+            Outcome::Fallback,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1.user9"),
+            "java:8080",
+            Outcome::Fallback,
+            Some("dev.proj1"),
+        ),
         (Some("dev"), "java:8080", Outcome::Exact, Some("dev")),
         (None, "java:8080", Outcome::Default, Some("dev")),
         (Some("prod"), "java:8080", Outcome::Default, Some("dev")),
         (Some("qa.x.y"), "go:8080", Outcome::Default, Some("dev")),
         // Whole levels only.
-        (Some("dev.proj1x"), "node:8080", Outcome::Fallback, Some("dev")),
-        (Some("dev.proj"), "node:8080", Outcome::Fallback, Some("dev")),
+        (
+            Some("dev.proj1x"),
+            "node:8080",
+            Outcome::Fallback,
+            Some("dev"),
+        ),
+        (
+            Some("dev.proj"),
+            "node:8080",
+            Outcome::Fallback,
+            Some("dev"),
+        ),
         (Some("devx"), "node:8080", Outcome::Default, Some("dev")),
         // Every way to name the service from namespace demo.
         (Some("dev.proj1"), "node", Outcome::Exact, Some("dev.proj1")),
-        (Some("dev.proj1"), "node.demo:8080", Outcome::Exact, Some("dev.proj1")),
-        (Some("dev.proj1"), "node.demo.svc:8080", Outcome::Exact, Some("dev.proj1")),
-        (Some("dev.proj1"), "node.demo.svc.cluster.local:8080", Outcome::Exact, Some("dev.proj1")),
-        (Some("dev.proj1"), "NODE.Demo.svc.cluster.local.:8080", Outcome::Exact, Some("dev.proj1")),
+        (
+            Some("dev.proj1"),
+            "node.demo:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1"),
+            "node.demo.svc:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1"),
+            "node.demo.svc.cluster.local:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
+        (
+            Some("dev.proj1"),
+            "NODE.Demo.svc.cluster.local.:8080",
+            Outcome::Exact,
+            Some("dev.proj1"),
+        ),
         // Not ours: other host, other port, other namespace's short name.
         (Some("dev.proj1"), "example.com", Outcome::Passthrough, None),
         (Some("dev.proj1"), "node:9090", Outcome::Passthrough, None),
-        (Some("dev.proj1"), "node.other:8080", Outcome::Passthrough, None),
-        (Some("dev.proj1"), "node:notaport", Outcome::Passthrough, None),
+        (
+            Some("dev.proj1"),
+            "node.other:8080",
+            Outcome::Passthrough,
+            None,
+        ),
+        (
+            Some("dev.proj1"),
+            "node:notaport",
+            Outcome::Passthrough,
+            None,
+        ),
         (Some("dev.proj1"), "[::1]:8080", Outcome::Passthrough, None),
     ];
     for (env, authority, outcome, env_chosen) in cases {
@@ -48,10 +133,18 @@ fn hierarchy_falls_back_level_by_level() {
             h.push(("x-virtual-env", e));
         }
         let p = plan(&table, &MapHeaders::new(&h));
-        let fqdn = authority.split(['.', ':']).next().unwrap().to_ascii_lowercase();
+        let fqdn = authority
+            .split(['.', ':'])
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
         let want = env_chosen
             .map(|e| format!("outbound|8080|{}|{fqdn}.demo.svc.cluster.local", subset(e)));
-        assert_eq!((p.outcome, p.route_to_cluster.map(str::to_string)), (*outcome, want), "{env:?} {authority}");
+        assert_eq!(
+            (p.outcome, p.route_to_cluster.map(str::to_string)),
+            (*outcome, want),
+            "{env:?} {authority}"
+        );
         assert_eq!(p.rewrite_authority, None);
     }
 }
@@ -59,7 +152,11 @@ fn hierarchy_falls_back_level_by_level() {
 #[test]
 fn whole_segments_never_prefix_match() {
     let cfg = config(
-        &[("svc.ns.svc.cluster.local", 80, &["dev-feature1", "dev.proj-ab", "dev"])],
+        &[(
+            "svc.ns.svc.cluster.local",
+            80,
+            &["dev-feature1", "dev.proj-ab", "dev"],
+        )],
         None,
     );
     let table = compile(&cfg, "ns", None);
@@ -71,7 +168,10 @@ fn whole_segments_never_prefix_match() {
         ("dev.proj-ab.x", Some("dev.proj-ab")),
     ];
     for (env, want) in cases {
-        let p = plan(&table, &MapHeaders::new(&[(":authority", "svc"), ("x-virtual-env", env)]));
+        let p = plan(
+            &table,
+            &MapHeaders::new(&[(":authority", "svc"), ("x-virtual-env", env)]),
+        );
         let want = want.map(|e| format!("outbound|80|{}|svc.ns.svc.cluster.local", subset(e)));
         assert_eq!(p.route_to_cluster.map(str::to_string), want, "{env}");
     }
@@ -82,21 +182,78 @@ fn env_sources_in_order_and_invalid_values_skipped() {
     let mut cfg = alibaba(Mode::Cluster);
     cfg.baggage_key = Some("lane".into());
     cfg.env_aliases = vec![
-        EnvAlias { header: Some("X-Lane".into()), cookie: None },
-        EnvAlias { header: None, cookie: Some("VirtualEnv".into()) },
+        EnvAlias {
+            header: Some("X-Lane".into()),
+            cookie: None,
+        },
+        EnvAlias {
+            header: None,
+            cookie: Some("VirtualEnv".into()),
+        },
     ];
     let table = compile(&cfg, "demo", Some("dev.proj2"));
     // (headers, chosen env, source, invalid counted, injected)
     let cases: &[(&[(&str, &str)], &str, &str, bool, Option<&str>)] = &[
-        (&[("x-virtual-env", "dev.proj1"), ("baggage", "lane=dev")], "dev.proj1", "header", false, None),
-        (&[("baggage", "a=b, lane=dev.proj1;p=1")], "dev.proj1", "baggage", false, None),
-        (&[("baggage", "a=b"), ("baggage", "lane=dev%2Eproj1")], "dev.proj1", "baggage", false, None),
-        (&[("x-lane", "dev.proj1"), ("cookie", "VirtualEnv=dev")], "dev.proj1", "alias", false, None),
-        (&[("cookie", "x=1; VirtualEnv=dev.proj1")], "dev.proj1", "alias", false, None),
+        (
+            &[("x-virtual-env", "dev.proj1"), ("baggage", "lane=dev")],
+            "dev.proj1",
+            "header",
+            false,
+            None,
+        ),
+        (
+            &[("baggage", "a=b, lane=dev.proj1;p=1")],
+            "dev.proj1",
+            "baggage",
+            false,
+            None,
+        ),
+        (
+            &[("baggage", "a=b"), ("baggage", "lane=dev%2Eproj1")],
+            "dev.proj1",
+            "baggage",
+            false,
+            None,
+        ),
+        (
+            &[("x-lane", "dev.proj1"), ("cookie", "VirtualEnv=dev")],
+            "dev.proj1",
+            "alias",
+            false,
+            None,
+        ),
+        (
+            &[("cookie", "x=1; VirtualEnv=dev.proj1")],
+            "dev.proj1",
+            "alias",
+            false,
+            None,
+        ),
         (&[], "dev.proj2", "label", false, Some("dev.proj2")),
-        (&[("x-virtual-env", "dev..proj1")], "dev.proj2", "label", true, None),
-        (&[("x-virtual-env", "bad value"), ("baggage", "lane=dev.proj1")], "dev.proj1", "baggage", true, None),
-        (&[("baggage", "lane=a/b"), ("x-lane", "dev.proj1")], "dev.proj1", "alias", true, None),
+        (
+            &[("x-virtual-env", "dev..proj1")],
+            "dev.proj2",
+            "label",
+            true,
+            None,
+        ),
+        (
+            &[
+                ("x-virtual-env", "bad value"),
+                ("baggage", "lane=dev.proj1"),
+            ],
+            "dev.proj1",
+            "baggage",
+            true,
+            None,
+        ),
+        (
+            &[("baggage", "lane=a/b"), ("x-lane", "dev.proj1")],
+            "dev.proj1",
+            "alias",
+            true,
+            None,
+        ),
         (&[("x-virtual-env", "")], "dev.proj2", "label", true, None),
     ];
     for (headers, env, source, invalid, inject) in cases {
@@ -104,7 +261,10 @@ fn env_sources_in_order_and_invalid_values_skipped() {
         h.extend_from_slice(headers);
         let p = plan(&table, &MapHeaders::new(&h));
         let why = p.explanation.clone().unwrap();
-        assert!(why.starts_with(&format!("env={env}; source={source};")), "{headers:?}: {why}");
+        assert!(
+            why.starts_with(&format!("env={env}; source={source};")),
+            "{headers:?}: {why}"
+        );
         assert_eq!(p.invalid_env, *invalid, "{headers:?}");
         assert_eq!(p.inject_env, *inject, "{headers:?}");
     }
@@ -118,10 +278,19 @@ fn auto_inject_only_from_label_and_never_over_a_header() {
     assert_eq!(p.inject_env, Some("dev.proj1"));
     assert_eq!(p.outcome, Outcome::Exact);
     // Injected even when the service is not in the table: the next hop needs it.
-    let p = plan(&labelled, &MapHeaders::new(&[(":authority", "example.com")]));
-    assert_eq!((p.inject_env, p.outcome), (Some("dev.proj1"), Outcome::Passthrough));
+    let p = plan(
+        &labelled,
+        &MapHeaders::new(&[(":authority", "example.com")]),
+    );
+    assert_eq!(
+        (p.inject_env, p.outcome),
+        (Some("dev.proj1"), Outcome::Passthrough)
+    );
     // An invalid header is still a header: not overwritten.
-    let p = plan(&labelled, &MapHeaders::new(&[(":authority", "java:8080"), ("x-virtual-env", "x y")]));
+    let p = plan(
+        &labelled,
+        &MapHeaders::new(&[(":authority", "java:8080"), ("x-virtual-env", "x y")]),
+    );
     assert_eq!((p.inject_env, p.invalid_env), (None, true));
     // Label value that is not a valid env: no own env at all.
     let bad = compile(&cfg, "demo", Some("dev/x"));
@@ -139,7 +308,10 @@ fn spoofed_route_header_is_stripped_and_never_trusted() {
     let table = compile(&alibaba(Mode::Cluster), "demo", None);
     let spoof = "outbound|8080|secret|payments.prod.svc.cluster.local";
     for authority in ["java:8080", "example.com"] {
-        let p = plan(&table, &MapHeaders::new(&[(":authority", authority), ("x-envlane-cluster", spoof)]));
+        let p = plan(
+            &table,
+            &MapHeaders::new(&[(":authority", authority), ("x-envlane-cluster", spoof)]),
+        );
         assert!(p.strip_route_header);
         assert_ne!(p.route_to_cluster, Some(spoof));
         assert!(p.changes_headers());
@@ -152,13 +324,31 @@ fn spoofed_route_header_is_stripped_and_never_trusted() {
 fn host_mode_rewrites_authority_and_keeps_the_port() {
     let table = compile(&alibaba(Mode::Host), "demo", None);
     let cases = [
-        ("dev.proj1", "node:8080", Some(format!("node-{}.demo.svc.cluster.local:8080", subset("dev.proj1")))),
-        ("dev.proj2", "go", Some(format!("go-{}.demo.svc.cluster.local", subset("dev.proj2")))),
-        ("dev.proj2", "java.demo:8080", Some("java-dev.demo.svc.cluster.local:8080".to_string())),
+        (
+            "dev.proj1",
+            "node:8080",
+            Some(format!(
+                "node-{}.demo.svc.cluster.local:8080",
+                subset("dev.proj1")
+            )),
+        ),
+        (
+            "dev.proj2",
+            "go",
+            Some(format!("go-{}.demo.svc.cluster.local", subset("dev.proj2"))),
+        ),
+        (
+            "dev.proj2",
+            "java.demo:8080",
+            Some("java-dev.demo.svc.cluster.local:8080".to_string()),
+        ),
         ("dev", "example.com", None),
     ];
     for (env, authority, want) in cases {
-        let p = plan(&table, &MapHeaders::new(&[(":authority", authority), ("x-virtual-env", env)]));
+        let p = plan(
+            &table,
+            &MapHeaders::new(&[(":authority", authority), ("x-virtual-env", env)]),
+        );
         assert_eq!(p.rewrite_authority, want, "{env} {authority}");
         assert_eq!(p.route_to_cluster, None);
     }
@@ -166,13 +356,25 @@ fn host_mode_rewrites_authority_and_keeps_the_port() {
 
 #[test]
 fn multi_port_services_pick_the_port_of_the_request() {
-    let mut cfg = config(&[("api.ns.svc.cluster.local", 8080, &["dev", "dev.a"])], Some("dev"));
+    let mut cfg = config(
+        &[("api.ns.svc.cluster.local", 8080, &["dev", "dev.a"])],
+        Some("dev"),
+    );
     cfg.services[0].ports = vec![9090, 80, 8080];
     let table = compile(&cfg, "ns", None);
-    let cases = [("api:9090", Some(9090)), ("api", Some(80)), ("api:8080", Some(8080)), ("api:1", None)];
+    let cases = [
+        ("api:9090", Some(9090)),
+        ("api", Some(80)),
+        ("api:8080", Some(8080)),
+        ("api:1", None),
+    ];
     for (authority, port) in cases {
-        let p = plan(&table, &MapHeaders::new(&[(":authority", authority), ("x-virtual-env", "dev.a.b")]));
-        let want = port.map(|p| format!("outbound|{p}|{}|api.ns.svc.cluster.local", subset("dev.a")));
+        let p = plan(
+            &table,
+            &MapHeaders::new(&[(":authority", authority), ("x-virtual-env", "dev.a.b")]),
+        );
+        let want =
+            port.map(|p| format!("outbound|{p}|{}|api.ns.svc.cluster.local", subset("dev.a")));
         assert_eq!(p.route_to_cluster.map(str::to_string), want, "{authority}");
     }
 }
@@ -181,7 +383,10 @@ fn multi_port_services_pick_the_port_of_the_request() {
 fn no_default_and_no_match_leaves_the_request_alone() {
     let cfg = config(&[("a.ns.svc.cluster.local", 80, &["dev.x"])], None);
     let table = compile(&cfg, "ns", None);
-    let p = plan(&table, &MapHeaders::new(&[(":authority", "a"), ("x-virtual-env", "dev.y")]));
+    let p = plan(
+        &table,
+        &MapHeaders::new(&[(":authority", "a"), ("x-virtual-env", "dev.y")]),
+    );
     assert_eq!(p.outcome, Outcome::Passthrough);
     assert!(!p.changes_headers());
 }
@@ -191,17 +396,31 @@ fn debug_explanation_names_env_chain_and_target() {
     let table = compile(&alibaba(Mode::Cluster), "demo", None);
     let p = plan(
         &table,
-        &MapHeaders::new(&[(":authority", "go:8080"), ("x-virtual-env", "dev.proj1.user9"), ("x-envlane-debug", "1")]),
+        &MapHeaders::new(&[
+            (":authority", "go:8080"),
+            ("x-virtual-env", "dev.proj1.user9"),
+            ("x-envlane-debug", "1"),
+        ]),
     );
     assert_eq!(
         p.explanation.as_deref(),
         Some("env=dev.proj1.user9; source=header; service=go.demo.svc.cluster.local; tried=dev.proj1.user9,dev.proj1,dev; outcome=fallback; target=outbound|8080|dev|go.demo.svc.cluster.local")
     );
-    let p = plan(&table, &MapHeaders::new(&[(":authority", "go:8080"), ("x-virtual-env", "qa"), ("x-envlane-debug", "1")]));
+    let p = plan(
+        &table,
+        &MapHeaders::new(&[
+            (":authority", "go:8080"),
+            ("x-virtual-env", "qa"),
+            ("x-envlane-debug", "1"),
+        ]),
+    );
     assert_eq!(
         p.explanation.as_deref(),
         Some("env=qa; source=header; service=go.demo.svc.cluster.local; tried=qa,default:dev; outcome=default; target=outbound|8080|dev|go.demo.svc.cluster.local")
     );
-    let p = plan(&table, &MapHeaders::new(&[(":authority", "go:8080"), ("x-virtual-env", "q\u{7f}")]));
+    let p = plan(
+        &table,
+        &MapHeaders::new(&[(":authority", "go:8080"), ("x-virtual-env", "q\u{7f}")]),
+    );
     assert_eq!(p.explanation, None, "no debug header, no explanation");
 }

@@ -20,18 +20,28 @@ pub fn config(services: &[(&str, u16, &[&str])], default_env: Option<&str>) -> P
                 }
             })
             .collect();
-        entries.push(ServiceEntry { host: host.to_string(), ports: vec![*port], envs: ids });
+        entries.push(ServiceEntry {
+            host: host.to_string(),
+            ports: vec![*port],
+            envs: ids,
+        });
     }
     PluginConfig {
         default_env: default_env.map(str::to_string),
-        envs: envs.into_iter().map(|name| EnvEntry { name, subset: None }).collect(),
+        envs: envs
+            .into_iter()
+            .map(|name| EnvEntry { name, subset: None })
+            .collect(),
         services: entries,
         ..PluginConfig::default()
     }
 }
 
 pub fn compile(cfg: &PluginConfig, namespace: &str, label: Option<&str>) -> RoutingTable {
-    let node = Node { namespace: Some(namespace.into()), env_label: label.map(str::to_string) };
+    let node = Node {
+        namespace: Some(namespace.into()),
+        env_label: label.map(str::to_string),
+    };
     RoutingTable::compile(cfg, &node).expect("config compiles")
 }
 
@@ -41,7 +51,11 @@ pub fn alibaba(mode: Mode) -> PluginConfig {
         &[
             ("node.demo.svc.cluster.local", 8080, &["dev", "dev.proj1"]),
             ("go.demo.svc.cluster.local", 8080, &["dev", "dev.proj2"]),
-            ("java.demo.svc.cluster.local", 8080, &["dev", "dev.proj1", "dev.proj1.feature1"]),
+            (
+                "java.demo.svc.cluster.local",
+                8080,
+                &["dev", "dev.proj1", "dev.proj1.feature1"],
+            ),
         ],
         Some("dev"),
     );
@@ -54,21 +68,35 @@ pub struct MapHeaders(pub Vec<(String, String)>);
 
 impl MapHeaders {
     pub fn new(pairs: &[(&str, &str)]) -> Self {
-        Self(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 }
 
 impl Headers for MapHeaders {
     fn get(&self, name: &str) -> Option<String> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
     fn get_all(&self, name: &str) -> Vec<String> {
-        self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 }
 
 /// The subset name envlane derives for `env`.
 pub fn subset(env: &str) -> String {
     let name = envlane::names::EnvName::try_new(env, Default::default()).expect("valid env");
-    envlane::names::SubsetName::for_env(&name).as_str().to_string()
+    envlane::names::SubsetName::for_env(&name)
+        .as_str()
+        .to_string()
 }
