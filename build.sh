@@ -13,6 +13,12 @@ MODULE_BUDGET=307200 # 300 KB
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 setup() {
+  for component in clippy rustfmt; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+      log "installing Rust component $component"
+      rustup component add "$component"
+    fi
+  done
   if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
     log "installing Rust target wasm32-wasip1"
     rustup target add wasm32-wasip1
@@ -74,7 +80,7 @@ case "${1:-build}" in
     build_native
     log "formatting and lints (native and wasm32-wasip1)"
     cargo fmt --all -- --check
-    cargo clippy --quiet --all-targets -- -D warnings
+    cargo clippy --quiet --workspace --all-targets -- -D warnings
     cargo clippy --quiet --target wasm32-wasip1 -p envlane --all-targets -- -D warnings
     log "native tests"
     cargo nextest run --workspace --no-fail-fast

@@ -1,4 +1,5 @@
 //! The decision, scenario by scenario, over plain data.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 mod common;
 
 use common::{alibaba, compile, config, subset, MapHeaders};
@@ -193,7 +194,14 @@ fn env_sources_in_order_and_invalid_values_skipped() {
     ];
     let table = compile(&cfg, "demo", Some("dev.proj2"));
     // (headers, chosen env, source, invalid counted, injected)
-    let cases: &[(&[(&str, &str)], &str, &str, bool, Option<&str>)] = &[
+    type Case<'a> = (
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        &'a str,
+        bool,
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
         (
             &[("x-virtual-env", "dev.proj1"), ("baggage", "lane=dev")],
             "dev.proj1",
