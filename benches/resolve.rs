@@ -1,0 +1,145 @@
+//! The filter's decision alone, natively: `decide::resolve` (the fallback walk)
+//! and `decide::plan` (the whole per-request decision, reading headers from a
+//! plain map as the Wasm glue reads them from the host) by table size and by
+//! how many env levels are looked up.
+//!
+//! `cargo bench --bench resolve` (or `./build.sh bench`, which runs this too).
+//! Tables are `services × envs` pairs: every service has the envs `dev` (the
+//! default) and `dev.team0 .. dev.team{envs-2}`. A request with env
+//! `dev.team3` finds its subset at level 1; `dev.team3.u1` at level 2 (one
+//! fallback); `dev.team3.u1.x` at 3; `dev.team3.u1.x.y` at 4.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use envlane::config::{EnvEntry, PluginConfig, ServiceEntry};
+use envlane::decide::{plan, resolve, Headers};
+use envlane::table::{Node, RoutingTable};
+
+/// (label, services, envs per service)
+const SIZES: &[(&str, usize, usize)] = &[("10", 1, 10), ("1k", 100, 10), ("100k", 10_000, 10)];
+
+fn config(services: usize, envs: usize) -> PluginConfig {
+    let mut env_list = vec![EnvEntry {
+        name: "dev".into(),
+        subset: Some("dev".into()),
+    }];
+    for t in 0..envs.saturating_sub(1) {
+        env_list.push(EnvEntry {
+            name: format!("dev.team{t}"),
+            subset: Some(format!("dev-team{t}")),
+        });
+    }
+    let ids: Vec<u32> = (0..env_list.len() as u32).collect();
+    PluginConfig {
+        default_env: Some("dev".into()),
+        envs: env_list,
+        services: (0..services)
+            .map(|i| ServiceEntry {
+                host: format!("svc{i}.demo.svc.cluster.local"),
+                ports: vec![8080],
+                envs: ids.clone(),
+            })
+            .collect(),
+        ..PluginConfig::default()
+    }
+}
+
+fn table(services: usize, envs: usize) -> Option<RoutingTable> {
+    let node = Node {
+        namespace: Some("demo".into()),
+        env_label: None,
+    };
+    match RoutingTable::compile(&config(services, envs), &node) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("bench table does not compile: {e}");
+            None
+        }
+    }
+}
+
+/// The env value that is found after `depth` levels (1 = exact).
+fn env_at_depth(depth: usize) -> String {
+    let extra = ["u1", "x", "y"];
+    let mut env = String::from("dev.team3");
+    for level in extra.iter().take(depth.saturating_sub(1)) {
+        env.push('.');
+        env.push_str(level);
+    }
+    env
+}
+
+/// Request headers as the host hands them over: every `get` returns an owned
+/// copy, like `proxy_wasm::hostcalls::get_map_value`.
+struct MapHeaders(HashMap<&'static str, String>);
+
+impl Headers for MapHeaders {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+
+    fn get_all(&self, name: &str) -> Vec<String> {
+        self.0.get(name).cloned().into_iter().collect()
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("resolve");
+    g.throughput(Throughput::Elements(1));
+    for &(label, services, envs) in SIZES {
+        let Some(t) = table(services, envs) else {
+            return;
+        };
+        // The middle service: not the first one inserted.
+        let authority = format!("svc{}:8080", services / 2);
+        let Some(service) = t.service(&authority) else {
+            eprintln!("{authority} is not in the table");
+            return;
+        };
+        for depth in 1..=4 {
+            let env = env_at_depth(depth);
+            let r = resolve(&t, Some(&env), &service);
+            if r.levels_tried != depth || r.target.is_none() {
+                eprintln!("{env}: expected a match at level {depth}, got {r:?}");
+                return;
+            }
+            g.bench_with_input(
+                BenchmarkId::new(format!("pairs={label}"), format!("depth={depth}")),
+                &env,
+                |b, env| b.iter(|| resolve(black_box(&t), black_box(Some(env)), &service)),
+            );
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("plan");
+    g.throughput(Throughput::Elements(1));
+    for &(label, services, envs) in SIZES {
+        let Some(t) = table(services, envs) else {
+            return;
+        };
+        for depth in 1..=4 {
+            let headers = MapHeaders(HashMap::from([
+                (":authority", format!("svc{}:8080", services / 2)),
+                ("x-virtual-env", env_at_depth(depth)),
+                (":path", "/".to_string()),
+                (":method", "GET".to_string()),
+            ]));
+            if plan(&t, &headers).route_to_cluster.is_none() {
+                eprintln!("plan found no cluster at depth {depth}");
+                return;
+            }
+            g.bench_with_input(
+                BenchmarkId::new(format!("pairs={label}"), format!("depth={depth}")),
+                &headers,
+                |b, h| b.iter(|| plan(black_box(&t), black_box(h))),
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(resolve_benches, benches);
+criterion_main!(resolve_benches);

@@ -1,0 +1,916 @@
+#!/usr/bin/env python3
+"""envlane benchmarks that print figures (issue 5). `./build.sh bench` runs this.
+
+Per request, in real Envoy 1.40 on loopback, one worker (`--concurrency 1`),
+one upstream test app, one load tool, same session:
+
+  A   no filter: a plain route to the upstream
+  B   envlane (Wasm, ECDS-delivered) with cluster_header routing
+  C   the same routing as native Envoy routes: one exact `x-virtual-env`
+      header match per (service, env), as alibaba/virtual-environment and the
+      swimlane demo generate them
+  D   the same fallback as an inline Lua filter (KtEnv-style)
+
+Per config change: time from writing a new ECDS file to Envoy routing with
+it, and the Wasm VM memory after, for 1k / 10k / 100k (service, env) pairs.
+Natively: the criterion bench `benches/resolve.rs`. The envlane-sync render
+time when its binary has a `render` subcommand.
+
+Every process listens on 127.0.0.1 only, is bounded in time and is stopped at
+the end. Envoy is pinned to CPU 0, the load tool and the upstream to CPU 1.
+Run `python3 benches/run.py --help` for the knobs; `--quick` is a 2 s smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "integration"))
+
+import harness  # noqa: E402  (integration/harness.py)
+from harness import (  # noqa: E402
+    ROUTE_HEADER,
+    App,
+    Envoy,
+    ecds_resource,
+    envlane_route,
+    fqdn,
+    free_port,
+    service_domains,
+    sidecar_bootstrap,
+    static_cluster,
+    wasm_filter_ecds,
+    write_atomically,
+)
+
+PORT = 8080
+ENVOY_CPU = 0
+LOAD_CPU = 1
+CONNS = 32  # in flight in the throughput runs (wrk -c32; h2load -c8 -m4)
+HOT = 16  # services the requests spread over
+USER_SUFFIX = ".user7.x"  # two levels below a team env: found at the 3rd level tried
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def svc_name(i: int) -> str:
+    return f"svc{i}"
+
+
+def subset_of(env: str) -> str:
+    return env.replace(".", "-")
+
+
+@dataclass(frozen=True)
+class Table:
+    """`services` services, each with the same `envs` envs: `dev` (the default)
+    and `dev.team0 .. dev.team{envs-2}`. Pairs = services × envs."""
+
+    services: int
+    envs: int
+
+    @property
+    def pairs(self) -> int:
+        return self.services * self.envs
+
+    @property
+    def label(self) -> str:
+        return f"{self.services}x{self.envs}"
+
+    def env_names(self) -> list[str]:
+        return ["dev"] + [f"dev.team{t}" for t in range(self.envs - 1)]
+
+    def config(self, revision: str = "bench", subset_override: dict[str, str] | None = None) -> dict:
+        envs = []
+        for name in self.env_names():
+            sub = (subset_override or {}).get(name, subset_of(name))
+            envs.append({"name": name, "subset": sub})
+        ids = list(range(self.envs))
+        return {
+            "revision": revision,
+            "defaultEnv": "dev",
+            "envs": envs,
+            "services": [{"host": fqdn(svc_name(i)), "ports": [PORT], "envs": ids} for i in range(self.services)],
+        }
+
+    def hot(self) -> list[int]:
+        n = min(HOT, self.services)
+        return [k * self.services // n for k in range(n)]
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """(authority, x-virtual-env, expected cluster): every hot service ×
+        every team env, with two extra levels so exactly two levels fall back."""
+        out = []
+        for t in range(self.envs - 1):
+            for i in self.hot():
+                env = f"dev.team{t}"
+                out.append((f"{svc_name(i)}:{PORT}", env + USER_SUFFIX, cluster(i, subset_of(env))))
+        return out
+
+
+def cluster(i: int, subset: str = "") -> str:
+    return f"outbound|{PORT}|{subset}|{fqdn(svc_name(i))}"
+
+
+# ------------------------------------------------------------ Envoy configs
+
+
+def cluster_set(table: Table, upstream: int, h2: bool, extra: list[str] = ()) -> list[dict]:
+    """The same clusters for every variant: hot services × every env subset,
+    plus the subset-less one; all point at the one upstream."""
+    names = []
+    for i in table.hot():
+        names.append(cluster(i))
+        names += [cluster(i, subset_of(e)) for e in table.env_names()]
+    names += list(extra)
+    return [static_cluster(n, upstream, h2) for n in names]
+
+
+def default_route(i: int) -> dict:
+    return {"match": {"prefix": "/"}, "route": {"cluster": cluster(i, "dev"), "timeout": "5s"}}
+
+
+def vhosts_a(table: Table) -> list[dict]:
+    first = table.hot()[0]
+    return [{"name": "all", "domains": ["*"], "routes": [default_route(first)]}]
+
+
+def vhosts_envlane(table: Table) -> list[dict]:
+    """B and D: Istio's shape, a virtual host per service with the
+    cluster_header route first."""
+    vh = [
+        {"name": f"{svc_name(i)}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": [envlane_route(), default_route(i)]}
+        for i in range(table.services)
+    ]
+    vh.append({"name": "allow_any", "domains": ["*"], "routes": [envlane_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]})
+    return vh
+
+
+def vhosts_native(table: Table) -> list[dict]:
+    """C: alibaba/virtual-environment style. Envoy routes cannot fall back by
+    prefix level, so the fallback is expanded: for every (service, env) one
+    route matching exactly the header value requests of that env use
+    (`dev.teamN.user7.x`) to the subset envlane would pick, in table order,
+    and a last route to the default env's subset."""
+    vh = []
+    for i in range(table.services):
+        routes = []
+        for env in table.env_names()[1:]:
+            routes.append({
+                "match": {"prefix": "/", "headers": [{"name": "x-virtual-env", "string_match": {"exact": env + USER_SUFFIX}}]},
+                "route": {"cluster": cluster(i, subset_of(env)), "timeout": "5s"},
+            })
+        routes.append(default_route(i))
+        vh.append({"name": f"{svc_name(i)}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": routes})
+    return vh
+
+
+LUA_CODE = r"""
+-- KtEnv-style hierarchical env routing, generated from the envlane table.
+local ENVS = {%(envs)s}
+local SUBSETS = {%(subsets)s}
+local SERVICES = {%(services)s}
+local PORT = "%(port)d"
+local DEFAULT_ENV = "dev"
+local ROUTE_HEADER = "%(route_header)s"
+
+-- host (every name a request may use) -> { env name -> cluster }
+local ROUTES = {}
+for _, svc in ipairs(SERVICES) do
+  local name, ns, envs = svc[1], svc[2], svc[3]
+  local full = name .. "." .. ns .. ".svc.cluster.local"
+  local by_env = {}
+  for _, id in ipairs(envs) do
+    by_env[ENVS[id]] = "outbound|" .. PORT .. "|" .. SUBSETS[id] .. "|" .. full
+  end
+  ROUTES[full] = by_env
+  ROUTES[name .. "." .. ns .. ".svc"] = by_env
+  ROUTES[name .. "." .. ns] = by_env
+  ROUTES[name] = by_env
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(ROUTE_HEADER) ~= nil then
+    headers:remove(ROUTE_HEADER)
+  end
+  local authority = headers:get(":authority")
+  if authority == nil then return end
+  local host = string.match(authority, "^([^:]+)")
+  local by_env = ROUTES[host]
+  if by_env == nil then return end
+  local env = headers:get("x-virtual-env")
+  local target = nil
+  while env ~= nil do
+    target = by_env[env]
+    if target ~= nil then break end
+    env = string.match(env, "^(.+)%%.[^.]+$")
+  end
+  if target == nil then target = by_env[DEFAULT_ENV] end
+  if target ~= nil then
+    headers:replace(ROUTE_HEADER, target)
+    handle:clearRouteCache()
+  end
+end
+"""
+
+
+def lua_filter(table: Table) -> dict:
+    names = table.env_names()
+    ids = ",".join(str(k + 1) for k in range(len(names)))
+    code = LUA_CODE % {
+        "envs": ",".join(json.dumps(n) for n in names),
+        "subsets": ",".join(json.dumps(subset_of(n)) for n in names),
+        "services": ",".join(f'{{"{svc_name(i)}","{harness.NAMESPACE}",{{{ids}}}}}' for i in range(table.services)),
+        "port": PORT,
+        "route_header": ROUTE_HEADER,
+    }
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": code},
+        },
+    }
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None):
+    """Children started inside inherit this CPU affinity."""
+    old = os.sched_getaffinity(0)
+    if cpu is not None and cpu in old and len(old) > 1:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def taskset(cpu: int) -> list[str]:
+    if shutil.which("taskset") and cpu in os.sched_getaffinity(0) and len(os.sched_getaffinity(0)) > 1:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+class Proxy:
+    """One Envoy for one variant."""
+
+    def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
+                 extra_clusters: list[str] = (), plugin_config: dict | None = None):
+        self.variant = variant
+        self.table = table
+        self.port = free_port()
+        self.ecds_path = workdir / f"{variant}-{table.label}-ecds.json"
+        filters: list[dict] = []
+        if variant == "A":
+            vhosts = vhosts_a(table)
+        elif variant == "B":
+            vhosts = vhosts_envlane(table)
+            write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config()))
+            filters = [wasm_filter_ecds(self.ecds_path)]
+        elif variant == "C":
+            vhosts = vhosts_native(table)
+        elif variant == "D":
+            vhosts = vhosts_envlane(table)
+            filters = [lua_filter(table)]
+        else:
+            raise ValueError(variant)
+        boot = sidecar_bootstrap(
+            pod=f"bench-{variant.lower()}", labels={"app": "client"}, listen_port=self.port, admin_port=free_port(),
+            virtual_hosts=vhosts, clusters=cluster_set(table, upstream, h2_upstream, extra_clusters), http_filters=filters,
+        )
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        # Routes to the subsets of services no request uses name clusters this
+        # Envoy does not have (to keep 10,000s of clusters out of the picture).
+        hcm["route_config"]["validate_clusters"] = False
+        started = time.monotonic()
+        with on_cpu(ENVOY_CPU):
+            self.envoy = Envoy(f"envoy-{variant}-{table.label}", boot, workdir, concurrency=1)
+        try:
+            self.envoy.wait_ready(timeout=300)
+            if variant == "B":
+                harness.wait_for(lambda: "envlane: loaded table" in self.envoy.process.log(), "envlane table loaded", 120, self.envoy.process)
+        except BaseException:
+            self.envoy.close()
+            raise
+        self.startup_s = time.monotonic() - started
+
+    @property
+    def pid(self) -> int:
+        return self.envoy.process.proc.pid
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def cluster_counts(self) -> dict[str, int]:
+        out = {}
+        for k, v in self.envoy.stats("upstream_rq_total").items():
+            m = re.fullmatch(r"cluster\.(.+)\.upstream_rq_total", k)
+            if m:
+                out[m.group(1)] = v
+        return out
+
+    def close(self) -> None:
+        self.envoy.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wasm_memories_kib(pid: int) -> list[int]:
+    """Size in KiB of each V8 Wasm linear memory (one per VM: the base VM, the
+    main thread's and the worker's). V8 reserves a memory with its guard
+    region as one ~8 GiB anonymous mapping; the accessible part (the current
+    `memory.size`) is the read-write mapping right before the PROT_NONE rest.
+    A linear memory only grows, so this is the VM's peak."""
+    maps = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        head = line.split()
+        start, end = (int(x, 16) for x in head[0].split("-"))
+        maps.append((start, end, head[1], len(head) < 6))
+    out = []
+    for prev, cur in zip(maps, maps[1:]):
+        guard = cur[3] and cur[2] == "---p" and cur[1] - cur[0] >= 4 << 30
+        if guard and prev[3] and prev[2] == "rw-p" and prev[1] == cur[0]:
+            out.append((prev[1] - prev[0]) // 1024)
+    return sorted(out, reverse=True)
+
+
+# --------------------------------------------------------------- load tools
+
+
+WRK_SCRIPT = r"""
+local reqs = {}
+local n = 0
+local i = 0
+init = function(args)
+%(init)s
+  n = #reqs
+end
+request = function()
+  i = i + 1
+  if i > n then i = 1 end
+  return reqs[i]
+end
+done = function(summary, latency, requests)
+  io.write(string.format(
+    "BENCH requests=%%d duration_us=%%d status_errors=%%d connect_errors=%%d read_errors=%%d write_errors=%%d timeouts=%%d p50=%%d p90=%%d p99=%%d p999=%%d mean=%%.1f max=%%d\n",
+    summary.requests, summary.duration, summary.errors.status, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.mean, latency.max))
+end
+"""
+
+
+def wrk_script(path: Path, reqs: list[tuple[str, str, str]]) -> Path:
+    lines = [
+        f'  reqs[#reqs + 1] = wrk.format("GET", "/", {{["Host"] = "{host}", ["x-virtual-env"] = "{env}"}})'
+        for host, env, _ in reqs
+    ]
+    path.write_text(WRK_SCRIPT % {"init": "\n".join(lines)})
+    return path
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float = 0.0
+    p50: float = 0.0  # µs
+    p99: float = 0.0
+    p999: float = 0.0
+    errors: int = 0
+    requests: int = 0
+    envoy_cpu: float = 0.0  # Envoy CPU share during the run (1.0 = one core)
+    cpu_us_per_req: float = 0.0
+    routed_ok: float | None = None  # share of upstream requests on the expected clusters
+    rss_mib: float = 0.0
+    note: str = ""
+    raw: dict = field(default_factory=dict)
+
+
+def run_wrk(proxy: Proxy, script: Path, conns: int, seconds: float, warmup: float, name: str) -> Result:
+    base = taskset(LOAD_CPU) + ["wrk", "-t1", f"-c{conns}", "--timeout", "5s", "-s", str(script), proxy.url()]
+    if warmup > 0:
+        subprocess.run(base[:-1] + [f"-d{max(1, round(warmup))}s", proxy.url()], capture_output=True, text=True, timeout=warmup + 60, check=True)
+    before_counts = proxy.cluster_counts()
+    cpu0 = cpu_seconds(proxy.pid)
+    t0 = time.monotonic()
+    out = subprocess.run(base[:-1] + [f"-d{max(1, round(seconds))}s", proxy.url()], capture_output=True, text=True, timeout=seconds + 60, check=True)
+    wall = time.monotonic() - t0
+    cpu = cpu_seconds(proxy.pid) - cpu0
+    m = re.search(r"^BENCH (.*)$", out.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    kv = {k: float(v) for k, v in (p.split("=") for p in m.group(1).split())}
+    errors = int(sum(kv[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")))
+    reqs = int(kv["requests"])
+    r = Result(name=name, rps=reqs / (kv["duration_us"] / 1e6), p50=kv["p50"], p99=kv["p99"], p999=kv["p999"],
+               errors=errors, requests=reqs, envoy_cpu=cpu / wall, cpu_us_per_req=cpu * 1e6 / max(reqs, 1), raw=kv)
+    r.routed_ok = routed_share(proxy, before_counts)
+    r.rss_mib = rss_kib(proxy.pid) / 1024
+    return r
+
+
+def routed_share(proxy: Proxy, before: dict[str, int]) -> float | None:
+    if proxy.variant == "A":
+        return None
+    after = proxy.cluster_counts()
+    delta = {k: v - before.get(k, 0) for k, v in after.items()}
+    expected = {c for _, _, c in proxy.table.requests()}
+    total = sum(delta.values())
+    return sum(v for k, v in delta.items() if k in expected) / total if total else 0.0
+
+
+def run_h2load(proxy: Proxy, host: str, env: str, seconds: float, warmup: float, name: str, workdir: Path) -> Result:
+    logf = workdir / f"h2load-{name}.log"
+    argv = taskset(LOAD_CPU) + [
+        "h2load", "-t1", "-c8", "-m4", f"-D{int(seconds)}", f"--warm-up-time={int(warmup)}",
+        "-H", f":authority: {host}", "-H", f"x-virtual-env: {env}", f"--log-file={logf}", proxy.url(),
+    ]
+    before_counts = proxy.cluster_counts()
+    cpu0 = cpu_seconds(proxy.pid)
+    t0 = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60, check=True)
+    wall = time.monotonic() - t0
+    cpu = cpu_seconds(proxy.pid) - cpu0
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out.stdout)
+    mr = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out.stdout)
+    if not (m and mr):
+        raise RuntimeError(f"h2load output not understood:\n{out.stdout}\n{out.stderr}")
+    durations = sorted(int(line.split("\t")[2]) for line in logf.read_text().splitlines() if line.count("\t") >= 2)
+    status_ok = [line for line in logf.read_text().splitlines() if line.split("\t")[1:2] == ["200"]]
+    errors = int(mr.group(4)) + int(mr.group(5)) + int(mr.group(6)) + (len(durations) - len(status_ok))
+
+    def pct(p: float) -> float:
+        return float(durations[min(len(durations) - 1, int(len(durations) * p / 100))]) if durations else 0.0
+
+    reqs = int(mr.group(2))
+    r = Result(name=name, rps=float(m.group(3)), p50=pct(50), p99=pct(99), p999=pct(99.9), errors=errors,
+               requests=reqs, envoy_cpu=cpu / wall, cpu_us_per_req=cpu * 1e6 / max(reqs, 1))
+    if proxy.variant != "A":
+        after = proxy.cluster_counts()
+        delta = {k: v - before_counts.get(k, 0) for k, v in after.items()}
+        total = sum(delta.values())
+        want = cluster(int(host.split(":")[0][3:]), subset_of(env.rsplit(".", 2)[0]))
+        r.routed_ok = delta.get(want, 0) / total if total else 0.0
+    r.rss_mib = rss_kib(proxy.pid) / 1024
+    return r
+
+
+# ----------------------------------------------------------------- phases
+
+
+def ensure_tools() -> None:
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client")) if not shutil.which(tool)]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)}")
+    cmd = ["apt-get", "install", "-y", "-q"] + missing
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=True)
+        subprocess.run(cmd, capture_output=True, check=True)
+
+
+def check_built() -> None:
+    for p, how in ((harness.WASM, "./build.sh"), (harness.TESTAPP, "cargo build --release -p envlane-testapp")):
+        if not p.exists():
+            sys.exit(f"{p} is missing: run `{how}` first (./build.sh bench does)")
+
+
+def start_upstream(workdir: Path, name: str, show: str, h2: bool = False) -> App:
+    with on_cpu(LOAD_CPU):
+        return App(name, "upstream", "bench", workdir, show=show, h2=h2)
+
+
+def smoke(proxy: Proxy) -> None:
+    """One request per distinct kind must answer 200 before measuring."""
+    for host, env, _ in proxy.table.requests()[:3]:
+        status, _, body = harness.http_get(proxy.url(), {"host": host, "x-virtual-env": env})
+        if status != 200:
+            raise RuntimeError(f"{proxy.variant} {host} {env}: HTTP {status} {body[:200]}")
+
+
+def per_request(args, workdir: Path, upstream: App, results: dict[str, Result], notes: list[str]) -> None:
+    main = Table(args.services, 10)
+    plan: list[tuple[str, str, Table]] = [
+        ("A", "A", main),
+        ("B", "B", main),
+        ("C", "C", main),
+        ("D", "D", main),
+        ("B", "B 10 pairs", Table(1, 10)),
+        ("B", "B 100k pairs", Table(10 * args.services, 10)),
+        ("B", "B 100 envs", Table(args.services_100, 100)),
+        ("C", "C 100 envs", Table(args.services_100, 100)),
+    ]
+    if args.only:
+        plan = [p for p in plan if p[1] in args.only]
+    for variant, name, table in plan:
+        log(f"{name}: {table.services} services x {table.envs} envs = {table.pairs} pairs; starting Envoy")
+        proxy = Proxy(variant, table, upstream.port, workdir)
+        try:
+            log(f"{name}: Envoy ready in {proxy.startup_s:.1f} s, RSS {rss_kib(proxy.pid) / 1024:.0f} MiB")
+            smoke(proxy)
+            script = wrk_script(workdir / f"wrk-{variant}-{table.label}.lua", table.requests())
+            r = run_wrk(proxy, script, CONNS, args.duration, args.warmup, name)
+            r.note = f"startup {proxy.startup_s:.1f}s"
+            results[name] = r
+            log(f"{name}: {r.rps:,.0f} req/s p50 {r.p50:.0f} p99 {r.p99:.0f} p99.9 {r.p999:.0f} µs; Envoy CPU {r.envoy_cpu:.0%}, {r.cpu_us_per_req:.1f} µs/req; errors {r.errors}")
+            if name in ("A", "B", "C", "D"):
+                lat = run_wrk(proxy, script, 1, args.duration, min(args.warmup, 1), f"{name} c=1")
+                results[f"{name} c=1"] = lat
+                log(f"{name} c=1: p50 {lat.p50:.0f} p99 {lat.p99:.0f} p99.9 {lat.p999:.0f} µs")
+        finally:
+            proxy.close()
+
+
+def per_request_h2(args, workdir: Path, results: dict[str, Result]) -> None:
+    upstream = start_upstream(workdir, "upstream-h2", "x-bench-none", h2=True)
+    try:
+        table = Table(args.services, 10)
+        host, env, _ = table.requests()[len(table.requests()) // 2]
+        for variant in ("A", "B"):
+            name = f"{variant} h2"
+            if args.only and name not in args.only:
+                continue
+            proxy = Proxy(variant, table, upstream.port, workdir, h2_upstream=True)
+            try:
+                smoke(proxy)
+                r = run_h2load(proxy, host, env, args.duration, args.warmup, name, workdir)
+                results[name] = r
+                log(f"{name}: {r.rps:,.0f} req/s p50 {r.p50:.0f} p99 {r.p99:.0f} p99.9 {r.p999:.0f} µs; Envoy CPU {r.envoy_cpu:.0%}; errors {r.errors}")
+            finally:
+                proxy.close()
+    finally:
+        upstream.close()
+
+
+@dataclass
+class Reload:
+    pairs: int
+    live_ms: float
+    log_ms: float | None
+    rss_before_mib: float
+    rss_after_mib: float
+    wasm_kib: list[int]
+    config_bytes: int
+
+
+def config_changes(args, workdir: Path) -> list[Reload]:
+    """From os.replace() of the ECDS file to the first request that routes by
+    the new table. The probe's env `dev.team0` gets a new subset name in every
+    push; the upstream echoes the `x-envlane-cluster` it received."""
+    sizes = [Table(100, 10), Table(1000, 10), Table(10000, 10)]
+    pushes = len(sizes)
+    probe_clusters = [cluster(0, f"push{k}") for k in range(pushes + 1)]
+    app = start_upstream(workdir, "upstream-probe", ROUTE_HEADER)
+    small = Table(1, 10)
+    out = []
+    try:
+        proxy = Proxy("B", small, app.port, workdir, extra_clusters=probe_clusters,
+                      plugin_config=small.config("push0", {"dev.team0": "push0"}))
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+            headers = {"host": f"{svc_name(0)}:{PORT}", "x-virtual-env": "dev.team0"}
+
+            def routed_to() -> str:
+                conn.request("GET", "/", headers=headers)
+                resp = conn.getresponse()
+                return resp.read().decode()
+
+            first = routed_to()
+            if probe_clusters[0] not in first:
+                raise RuntimeError(f"probe before any push went elsewhere: {first}")
+            for k, table in enumerate(sizes, start=1):
+                text = ecds_resource(table.config(f"push{k}", {"dev.team0": f"push{k}"}))
+                log_len = len(proxy.envoy.process.log())
+                rss_before = rss_kib(proxy.pid) / 1024
+                t0 = time.monotonic()
+                wall0 = time.time()
+                write_atomically(proxy.ecds_path, text)
+                deadline = t0 + 60
+                while probe_clusters[k] not in routed_to():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"push of {table.pairs} pairs not live after 60 s")
+                live = (time.monotonic() - t0) * 1000
+                log_ms = None
+                harness.wait_for(lambda: f"revision=push{k} " in proxy.envoy.process.log()[log_len:], "table log line", 30)
+                for m in re.finditer(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\].*envlane: loaded table revision=push%d " % k,
+                                     proxy.envoy.process.log()[log_len:], re.M):
+                    stamp = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(m.group(1)[20:]) / 1000
+                    log_ms = max(log_ms or 0.0, (stamp - wall0) * 1000)
+                time.sleep(0.5)  # let the old config's contexts go
+                r = Reload(table.pairs, live, log_ms, rss_before, rss_kib(proxy.pid) / 1024, wasm_memories_kib(proxy.pid), len(text))
+                out.append(r)
+                log(f"push {table.pairs} pairs ({len(text) / 1024:.0f} KiB ECDS): live in {live:.1f} ms; "
+                    f"RSS {r.rss_before_mib:.0f} -> {r.rss_after_mib:.0f} MiB; Wasm memories {[f'{x / 1024:.1f} MiB' for x in r.wasm_kib]}")
+            conn.close()
+        finally:
+            proxy.close()
+    finally:
+        app.close()
+    return out
+
+
+def criterion(args) -> tuple[list[tuple[str, float]], str]:
+    argv = ["cargo", "bench", "-j", "1", "-p", "envlane", "--bench", "resolve", "--",
+            "--warm-up-time", str(args.crit_warmup), "--measurement-time", str(args.crit_time), "--output-format", "bencher"]
+    log("criterion: " + " ".join(argv))
+    with on_cpu(ENVOY_CPU):
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return [], f"cargo bench failed:\n{out.stderr[-2000:]}"
+    rows = [(m.group(1), float(m.group(2).replace(",", "")))
+            for m in re.finditer(r"^test (\S+)\s+\.\.\. bench:\s+([\d,.]+) ns/iter", out.stdout, re.M)]
+    return rows, ""
+
+
+def sync_fixture(path: Path, pods: int, services: int) -> None:
+    """`kubectl get pods,services -o json`: one List with both kinds."""
+    items = []
+    for s in range(services):
+        items.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"svc{s}", "namespace": "demo", "uid": f"s-{s}", "resourceVersion": "1"},
+            "spec": {"selector": {"app": f"svc{s}"}, "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP"}],
+                     "clusterIP": f"10.96.{s // 256}.{s % 256}", "type": "ClusterIP"},
+        })
+    per = pods // services
+    for p in range(pods):
+        s, k = divmod(p, per)
+        env = "dev" if k == 0 else f"dev.team{k - 1}"
+        items.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"svc{s}-{k}-abcde", "namespace": "demo", "uid": f"p-{p}", "resourceVersion": "1",
+                         "labels": {"app": f"svc{s}", "virtual-env": env}},
+            "spec": {"containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": PORT}]}]},
+            "status": {"phase": "Running", "podIP": f"10.244.{p // 256}.{p % 256}",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        })
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items}))
+
+
+def sync_render(workdir: Path) -> tuple[dict | None, str]:
+    binary = ROOT / "target" / "release" / "envlane-sync"
+    if not (ROOT / "sync" / "Cargo.toml").exists():
+        return None, "TODO: sync/ (envlane-sync) does not exist yet"
+    build = subprocess.run(["cargo", "build", "-j", "1", "--release", "-p", "envlane-sync"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if build.returncode != 0 or not binary.exists():
+        return None, f"TODO: envlane-sync does not build yet: {build.stderr.strip().splitlines()[-1:] }"
+    helptext = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    if "render" not in helptext.stdout + helptext.stderr:
+        return None, "TODO: envlane-sync has no `render` subcommand yet"
+    fixture = workdir / "cluster-10k-pods.json"
+    sync_fixture(fixture, 10_000, 2_000)
+    time_bin = shutil.which("time") or "/usr/bin/time"
+    if not Path(time_bin).exists():
+        return None, "TODO: /usr/bin/time missing (apt-get install time)"
+    runs = []
+    for _ in range(3):
+        with on_cpu(ENVOY_CPU):
+            t0 = time.monotonic()
+            out = subprocess.run([time_bin, "-v", str(binary), "render", "-f", str(fixture)], capture_output=True, text=True, timeout=300)
+            wall = time.monotonic() - t0
+        if out.returncode != 0:
+            return None, f"TODO: `envlane-sync render -f` failed: {out.stderr.strip()[-500:]}"
+        peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+        runs.append((wall * 1000, peak, len(out.stdout)))
+    best = min(runs)
+    return {"wall_ms": best[0], "peak_rss_kib": best[1], "output_bytes": best[2], "fixture_bytes": fixture.stat().st_size,
+            "all_ms": [round(r[0], 1) for r in runs]}, ""
+
+
+# ----------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), "0")
+    envoy_version = subprocess.run([harness.envoy_bin(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": int(mem) / 1024 / 1024, "envoy": envoy_version[-1] if envoy_version else "?",
+            "rustc": rustc, "kernel": platform.release(), "loadavg": os.getloadavg()}
+
+
+def fmt_row(name: str, r: Result) -> str:
+    ok = "-" if r.routed_ok is None else f"{r.routed_ok:.0%}"
+    return (f"| {name} | {r.rps:,.0f} | {r.p50:.0f} | {r.p99:.0f} | {r.p999:.0f} | {r.envoy_cpu:.0%} | "
+            f"{r.cpu_us_per_req:.1f} | {r.rss_mib:.0f} | {r.errors} | {ok} |")
+
+
+def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], crit: list[tuple[str, float]], crit_err: str,
+           render: dict | None, render_note: str, load_before: tuple, elapsed: float) -> str:
+    L = []
+    L.append(f"machine: nproc={m['nproc']} cpu={m['cpu']} mem={m['mem_gib']:.1f} GiB kernel={m['kernel']}")
+    L.append(f"versions: {m['envoy']}; {m['rustc']}")
+    L.append(f"load average before/after: {' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    L.append(f"settings: {args.duration:g} s measured after {args.warmup:g} s warm-up per run; wrk -t1 -c{CONNS} (HTTP/1.1), "
+             f"h2load -t1 -c8 -m4 (h2c); Envoy --concurrency 1 on CPU {ENVOY_CPU}, load tool and upstream on CPU {LOAD_CPU}; total {elapsed:.0f} s")
+    L.append("")
+    L.append("## Per request (real Envoy, loopback)")
+    L.append("")
+    L.append("| run | req/s | p50 µs | p99 µs | p99.9 µs | Envoy CPU | Envoy CPU µs/req | Envoy RSS MiB | errors | routed as designed |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        L.append(fmt_row(name, r))
+    L.append("")
+
+    def ratio(a: str, b: str) -> str:
+        if a in results and b in results and results[b].rps:
+            return f"{results[a].rps / results[b].rps:.3f}"
+        return "n/a"
+
+    def cpu_diff(a: str, b: str) -> str:
+        if a in results and b in results:
+            return f"{results[a].cpu_us_per_req - results[b].cpu_us_per_req:+.1f}"
+        return "n/a"
+
+    def p99_diff(a: str, b: str) -> str:
+        if a in results and b in results:
+            return f"{results[a].p99 - results[b].p99:+.0f}"
+        return "n/a"
+
+    L.append("| comparison | throughput ratio | Δ Envoy CPU µs/req | Δ p99 µs (c=32) | Δ p99 µs (c=1) |")
+    L.append("|---|---:|---:|---:|---:|")
+    for a, b in (("B", "A"), ("B", "C"), ("B", "D"), ("C", "A"), ("D", "A"), ("B 100 envs", "C 100 envs"), ("B 10 pairs", "A"), ("B 100k pairs", "A"), ("B h2", "A h2")):
+        if a in results and b in results:
+            L.append(f"| {a} / {b} | {ratio(a, b)} | {cpu_diff(a, b)} | {p99_diff(a, b)} | {p99_diff(a + ' c=1', b + ' c=1')} |")
+    L.append("")
+    if reloads:
+        L.append("## Per config change (B, one Envoy, pushes in growing order)")
+        L.append("")
+        L.append("| pairs | ECDS file KiB | live after write, ms | filter log line after write, ms | Envoy RSS before → after MiB | Wasm linear memory per VM, MiB |")
+        L.append("|---:|---:|---:|---:|---:|---|")
+        for r in reloads:
+            logms = "n/a" if r.log_ms is None else f"{r.log_ms:.0f}"
+            L.append(f"| {r.pairs:,} | {r.config_bytes / 1024:.0f} | {r.live_ms:.1f} | {logms} | {r.rss_before_mib:.0f} → {r.rss_after_mib:.0f} | "
+                     f"{', '.join(f'{x / 1024:.1f}' for x in r.wasm_kib) or 'not found'} |")
+        L.append("")
+    L.append("## resolve / plan natively (criterion, ns per request)")
+    L.append("")
+    if crit:
+        L.append("| bench | ns |")
+        L.append("|---|---:|")
+        for n, ns in crit:
+            L.append(f"| {n} | {ns:,.0f} |")
+    else:
+        L.append(crit_err or "(skipped)")
+    L.append("")
+    L.append("## envlane-sync render, 10,000 pods / 2,000 services")
+    L.append("")
+    if render:
+        L.append(f"best of 3: {render['wall_ms']:.0f} ms wall (runs {render['all_ms']}), peak RSS {render['peak_rss_kib'] / 1024:.1f} MiB, "
+                 f"fixture {render['fixture_bytes'] / 1e6:.1f} MB, output {render['output_bytes'] / 1e3:.0f} kB")
+    else:
+        L.append(render_note or "(skipped)")
+    L.append("")
+    L.append("## Budgets")
+    L.append("")
+    L.extend(budgets(results, reloads, crit, render))
+    return "\n".join(L)
+
+
+def budgets(results: dict[str, Result], reloads: list[Reload], crit: list[tuple[str, float]], render: dict | None) -> list[str]:
+    out = []
+
+    def line(ok: bool | None, text: str) -> None:
+        out.append(f"- {'MET' if ok else ('MISSED' if ok is not None else 'NOT MEASURED')}: {text}")
+
+    r = results.get
+    if r("A") and r("B"):
+        line(r("B").rps >= 0.95 * r("A").rps, f"B ≥ 95% of A's throughput: B/A = {r('B').rps / r('A').rps:.3f}")
+    else:
+        line(None, "B ≥ 95% of A's throughput")
+    if r("A c=1") and r("B c=1"):
+        d = r("B c=1").p99 - r("A c=1").p99
+        line(d <= 50, f"p99 added ≤ 50 µs (one connection, no queueing): B − A = {d:+.0f} µs")
+    else:
+        line(None, "p99 added ≤ 50 µs")
+    sizes = [k for k in ("B 10 pairs", "B", "B 100k pairs") if r(k)]
+    if len(sizes) == 3:
+        cpus = [r(k).cpu_us_per_req for k in sizes]
+        rps = [r(k).rps for k in sizes]
+        flat = max(rps) / min(rps) <= 1.05 and max(cpus) - min(cpus) <= 2.0
+        line(flat, f"flat from 10 to 100,000 pairs: req/s {', '.join(f'{x:,.0f}' for x in rps)}; Envoy CPU µs/req "
+                   f"{', '.join(f'{x:.1f}' for x in cpus)} (flat = req/s within 5% and CPU within 2 µs)")
+    else:
+        line(None, "flat from 10 to 100,000 pairs")
+    if r("B") and r("C"):
+        q = r("B").rps / r("C").rps
+        line(q >= 0.97, f"B within 3% of C at 10 envs/service: B/C = {q:.3f}")
+    else:
+        line(None, "B within 3% of C at 10 envs/service")
+    if r("B 100 envs") and r("C 100 envs"):
+        q = r("B 100 envs").rps / r("C 100 envs").rps
+        line(q > 1.0, f"B faster than C at 100 envs/service: B/C = {q:.3f}")
+    else:
+        line(None, "B faster than C at 100 envs/service")
+    if r("B") and r("D"):
+        q = r("B").rps / r("D").rps
+        line(q > 1.0, f"B faster than D (Lua): B/D = {q:.3f}")
+    else:
+        line(None, "B faster than D")
+    big = [x for x in reloads if x.pairs >= 100_000]
+    if big:
+        line(big[0].live_ms < 200, f"100k pairs live in < 200 ms: {big[0].live_ms:.0f} ms")
+        vm = max(big[0].wasm_kib) / 1024 if big[0].wasm_kib else None
+        if vm is None:
+            line(None, "VM memory < 16 MiB (Wasm memory mapping not found)")
+        else:
+            line(vm < 16, f"VM memory < 16 MiB at 100k pairs: largest Wasm linear memory {vm:.1f} MiB")
+    else:
+        line(None, "100k pairs live in < 200 ms; VM memory < 16 MiB")
+    d4 = [ns for n, ns in crit if n.startswith("resolve/") and n.endswith("depth=4")]
+    if d4:
+        line(max(d4) <= 100, f"resolve ≤ 100 ns at depth 4: {', '.join(f'{x:.0f}' for x in d4)} ns (10 / 1k / 100k pairs)")
+    else:
+        line(None, "resolve ≤ 100 ns at depth 4")
+    if render:
+        line(render["wall_ms"] < 100, f"render of 10k pods < 100 ms: {render['wall_ms']:.0f} ms (process wall time incl. reading the file)")
+    else:
+        line(None, "render of 10k pods < 100 ms (envlane-sync render not available: TODO)")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 1 s warm-up, short criterion")
+    ap.add_argument("--services", type=int, default=1000, help="services of the main table (x 10 envs; default 1000)")
+    ap.add_argument("--services-100", type=int, default=1000, help="services of the 100-envs-per-service table (default 1000)")
+    ap.add_argument("--only", nargs="*", help="only these per-request runs (e.g. A B 'C 100 envs')")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "render"])
+    ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
+    ap.add_argument("--crit-warmup", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.crit_time, args.crit_warmup = 2.0, 1.0, 0.5, 0.2
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    ensure_tools()
+    check_built()
+    m = machine()
+    results: dict[str, Result] = {}
+    reloads: list[Reload] = []
+    crit: list[tuple[str, float]] = []
+    crit_err = ""
+    render, render_note = None, "(skipped)"
+    workdir = Path(tempfile.mkdtemp(prefix="envlane-bench-"))
+    try:
+        if "http1" not in args.skip:
+            upstream = start_upstream(workdir, "upstream", "x-bench-none")
+            try:
+                per_request(args, workdir, upstream, results, [])
+            finally:
+                upstream.close()
+        if "h2" not in args.skip:
+            per_request_h2(args, workdir, results)
+        if "reload" not in args.skip:
+            reloads = config_changes(args, workdir)
+        if "criterion" not in args.skip:
+            crit, crit_err = criterion(args)
+        if "render" not in args.skip:
+            render, render_note = sync_render(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = report(args, m, results, reloads, crit, crit_err, render, render_note, load_before, time.monotonic() - started)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": m, "results": {k: vars(v) for k, v in results.items()}, "reloads": [vars(r) for r in reloads],
+            "criterion": crit, "render": render, "render_note": render_note,
+        }, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
