@@ -69,7 +69,8 @@ build_sync() {
     CFLAGS_x86_64_unknown_linux_musl="-ffile-prefix-map=$here=/envlane -ffile-prefix-map=$cargo_home=/cargo" \
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static $remap" \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
-    cargo build --quiet --release -j 1 -p envlane-sync --target "$MUSL"
+    CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}" \
+    cargo build --quiet --release -p envlane-sync --target "$MUSL"
   log "OCI image of envlane-sync (scratch: one static binary, uid $((65532)), no shell)"
   python3 scripts/oci.py sync --binary "target/$MUSL/release/envlane-sync"
 }
