@@ -1,0 +1,253 @@
+//! Command line: `envlane-sync [FLAGS]` runs the controller,
+//! `envlane-sync render -f FILE [FLAGS]` prints what it would apply.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::render::{RenderOptions, DEFAULT_WASM_URL};
+use crate::selector::LabelSelector;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "envlane-sync",
+    version,
+    about = "Publishes envlane's routing table from the Ready pods of each env",
+    long_about = "Watches Namespaces, Pods and Services. In every namespace that matches \
+--namespace-selector, each Service with at least one Ready pod of an env (pod label \
+--env-label) gets a routing table entry; the table goes into a WasmPlugin per opted-in \
+namespace, with a DestinationRule per Service (cluster mode) or a Service per env \
+(host mode). Writes use server-side apply and only touch objects labelled \
+app.kubernetes.io/managed-by=envlane-sync. Without a subcommand, runs the controller.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller (the default).
+    Run(RunArgs),
+    /// Print the manifests that would be applied for the objects in a file,
+    /// as multi-document YAML on stdout. Input: `kubectl get ns,pods,svc -A
+    /// -o yaml` (or `-o json`) output.
+    Render(RenderArgs),
+}
+
+/// Flags shared by the controller and `render`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Filter settings: a JSON or YAML PluginConfig without `envs` and
+    /// `services` (envHeader, baggageKey, defaultEnv, mode, splitter, ...).
+    /// Default: all defaults.
+    #[arg(long, value_name = "FILE")]
+    pub settings: Option<PathBuf>,
+
+    /// Pod label whose value is the pod's env. Overrides `envLabel` in
+    /// --settings; default: that, else `virtual-env`.
+    #[arg(long, value_name = "LABEL")]
+    pub env_label: Option<String>,
+
+    /// Label selector (`k=v`, `k!=v`, `k`, `!k`, comma-separated) of the
+    /// namespaces envlane-sync manages. Others are never read for routing nor
+    /// written to.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        default_value = "envlane.io/enabled=true"
+    )]
+    pub namespace_selector: String,
+
+    /// Name of the WasmPlugin written in each opted-in namespace.
+    #[arg(long, value_name = "NAME", default_value = "envlane")]
+    pub wasm_plugin_name: String,
+
+    /// WasmPlugin `url`: where Istio fetches the filter module.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
+    pub wasm_url: String,
+
+    /// WasmPlugin `sha256` of the module (64 lower-case hex digits); unset by default.
+    #[arg(long, value_name = "HEX")]
+    pub wasm_sha256: Option<String>,
+
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or
+    /// tracing directives such as `info,kube=warn`.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+
+    /// How long to gather changes before rendering and writing (e.g. `1s`,
+    /// `250ms`).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub debounce: Duration,
+
+    /// How often to re-read the objects envlane-sync owns and repair any
+    /// drift, even without changes (e.g. `5m`; `0s` = never).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub resync: Duration,
+
+    /// Longest wait between retries after API errors (the wait doubles from
+    /// 500ms up to this).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    /// Input file (`-` for stdin): `kubectl get ns,pods,svc -A -o yaml|json`.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Print the render time and table size to stderr.
+    #[arg(long)]
+    pub stats: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `250ms`, `1s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 250ms, 1s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+impl CommonArgs {
+    /// Reads --settings and checks every flag; the error says which is wrong.
+    pub fn render_options(&self) -> Result<RenderOptions, String> {
+        let mut settings = match &self.settings {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--settings {}: {e}", path.display()))?;
+                crate::input::parse_settings(&text)
+                    .map_err(|e| format!("--settings {}: {e}", path.display()))?
+            }
+            None => envlane::config::PluginConfig::default(),
+        };
+        if let Some(label) = &self.env_label {
+            settings.env_label = label.clone();
+        }
+        settings.revision = None;
+        // The settings alone must pass the filter's check.
+        envlane::table::RoutingTable::compile(&settings, &envlane::table::Node::default())
+            .map_err(|e| format!("settings: {e}"))?;
+        let namespace_selector = LabelSelector::parse(&self.namespace_selector)
+            .map_err(|e| format!("--namespace-selector: {e}"))?;
+        if let Some(sha) = &self.wasm_sha256 {
+            let ok = sha.len() == 64
+                && sha
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                return Err("--wasm-sha256: must be 64 lower-case hex digits".into());
+            }
+        }
+        if self.wasm_url.is_empty() {
+            return Err("--wasm-url: must not be empty".into());
+        }
+        let name_ok = !self.wasm_plugin_name.is_empty()
+            && self.wasm_plugin_name.len() <= 253
+            && self
+                .wasm_plugin_name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok {
+            return Err("--wasm-plugin-name: must be a DNS subdomain name".into());
+        }
+        Ok(RenderOptions {
+            settings,
+            namespace_selector,
+            wasm_plugin_name: self.wasm_plugin_name.clone(),
+            wasm_url: self.wasm_url.clone(),
+            wasm_sha256: self.wasm_sha256.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("1d").is_err());
+    }
+
+    #[test]
+    fn cli_parses_run_and_render() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["envlane-sync", "--debounce", "200ms"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.debounce, Duration::from_millis(200));
+        let cli = Cli::try_parse_from([
+            "envlane-sync",
+            "render",
+            "-f",
+            "x.yaml",
+            "--env-label",
+            "lane",
+        ])
+        .unwrap();
+        let Some(Command::Render(r)) = cli.command else {
+            panic!("render expected")
+        };
+        assert_eq!(r.common.env_label.as_deref(), Some("lane"));
+        let opts = r.common.render_options().unwrap();
+        assert_eq!(opts.settings.env_label, "lane");
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        let cli = Cli::try_parse_from(["envlane-sync", "--wasm-sha256", "abc"]).unwrap();
+        assert!(cli.run.common.render_options().is_err());
+        let cli =
+            Cli::try_parse_from(["envlane-sync", "--namespace-selector", "a in (b)"]).unwrap();
+        assert!(cli.run.common.render_options().is_err());
+    }
+}

@@ -1,0 +1,149 @@
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use envlane_sync::cli::{Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs};
+use envlane_sync::controller::LoopConfig;
+use envlane_sync::metrics::Metrics;
+use envlane_sync::{input, kube_io, output, render, server};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Render(args)) => render_cmd(&args),
+        Some(Command::Run(args)) => run_cmd(args),
+        None => run_cmd(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("envlane-sync: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(common: &CommonArgs) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&common.log_level)
+        .map_err(|e| format!("--log-level: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let done = match common.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    done.map_err(|e| format!("logging: {e}"))
+}
+
+fn render_cmd(args: &RenderArgs) -> Result<(), String> {
+    init_logging(&args.common)?;
+    let opts = args.common.render_options()?;
+    let text = if args.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("stdin: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?
+    };
+    let snap = input::read_snapshot(&text).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    let started = Instant::now();
+    let rendered = render::render(&snap.namespaces, &snap.pods, &snap.services, &opts)
+        .map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    for bad in &rendered.invalid_labels {
+        tracing::warn!(
+            namespace = %bad.namespace, pod = %bad.pod, value = %bad.value, reason = %bad.reason,
+            "pod env label is not a valid env; pod skipped"
+        );
+    }
+    for w in &rendered.warnings {
+        tracing::warn!("{w}");
+    }
+    let yaml = output::to_yaml(&rendered.objects)?;
+    std::io::stdout()
+        .write_all(yaml.as_bytes())
+        .map_err(|e| format!("stdout: {e}"))?;
+    if args.stats {
+        let s = rendered.stats;
+        eprintln!(
+            "render: {:.3} ms for {} namespaces, {} pods, {} services -> {} envs, {} services, {} pairs, {} objects",
+            took.as_secs_f64() * 1000.0,
+            snap.namespaces.len(),
+            snap.pods.len(),
+            snap.services.len(),
+            s.envs,
+            s.services,
+            s.pairs,
+            rendered.objects.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_cmd(args: RunArgs) -> Result<(), String> {
+    init_logging(&args.common)?;
+    let opts = args.common.render_options()?;
+    let cfg = LoopConfig {
+        debounce: args.debounce,
+        resync: (!args.resync.is_zero()).then_some(args.resync),
+        backoff_initial: std::time::Duration::from_millis(500).min(args.max_backoff),
+        backoff_max: args.max_backoff,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    runtime.block_on(async move {
+        let metrics = Arc::new(Metrics::default());
+        let (addr, serve) = server::bind(args.listen, metrics.clone())
+            .await
+            .map_err(|e| format!("--listen {}: {e}", args.listen))?;
+        tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("kubernetes client: {e}"))?;
+        tracing::info!(
+            namespace_selector = %opts.namespace_selector,
+            env_label = %opts.settings.env_label,
+            mode = ?opts.settings.mode,
+            "starting"
+        );
+        tokio::select! {
+            r = serve => r.map_err(|e| format!("http server: {e}")),
+            () = kube_io::run(client, opts, cfg, metrics) => Ok(()),
+            s = shutdown_signal() => {
+                tracing::info!("{s}; exiting");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}

@@ -1,0 +1,198 @@
+//! Counters and gauges, shown in Prometheus text format on `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What went wrong, for `envlane_sync_errors_total{kind=...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A write, delete or read of owned objects failed.
+    Api,
+    /// A watch or list of Namespaces, Pods or Services failed (it is retried).
+    Watch,
+    /// The rendered table did not pass the filter's check: nothing published.
+    InvalidTable,
+    /// An object envlane-sync would write exists and is not labelled as its own.
+    Conflict,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::Api,
+        ErrorKind::Watch,
+        ErrorKind::InvalidTable,
+        ErrorKind::Conflict,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Api => "api",
+            ErrorKind::Watch => "watch",
+            ErrorKind::InvalidTable => "invalid_table",
+            ErrorKind::Conflict => "conflict",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub table_pairs: AtomicU64,
+    pub table_services: AtomicU64,
+    pub table_envs: AtomicU64,
+    pub reconciles: AtomicU64,
+    pub applies: AtomicU64,
+    pub deletes: AtomicU64,
+    errors_api: AtomicU64,
+    errors_watch: AtomicU64,
+    errors_invalid_table: AtomicU64,
+    errors_conflict: AtomicU64,
+    pub invalid_env_labels: AtomicU64,
+    pub skipped_pairs: AtomicU64,
+    ready: AtomicBool,
+    last_write: Mutex<Option<Instant>>,
+    last_sync: Mutex<Option<Instant>>,
+}
+
+impl Metrics {
+    fn errors(&self, kind: ErrorKind) -> &AtomicU64 {
+        match kind {
+            ErrorKind::Api => &self.errors_api,
+            ErrorKind::Watch => &self.errors_watch,
+            ErrorKind::InvalidTable => &self.errors_invalid_table,
+            ErrorKind::Conflict => &self.errors_conflict,
+        }
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors(kind).fetch_add(1, Relaxed);
+    }
+
+    pub fn error_count(&self, kind: ErrorKind) -> u64 {
+        self.errors(kind).load(Relaxed)
+    }
+
+    pub fn wrote(&self) {
+        if let Ok(mut t) = self.last_write.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// A reconcile finished with every object as wanted.
+    pub fn synced(&self) {
+        if let Ok(mut t) = self.last_sync.lock() {
+            *t = Some(Instant::now());
+        }
+        self.ready.store(true, Relaxed);
+    }
+
+    /// Ready after the first successful sync.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed)
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.applies.load(Relaxed) + self.deletes.load(Relaxed)
+    }
+
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "envlane_sync_table_pairs",
+            "(service, env) pairs in the published table.",
+            self.table_pairs.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_table_services",
+            "Services in the published table.",
+            self.table_services.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_table_envs",
+            "Envs in the published table.",
+            self.table_envs.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_ready",
+            "1 once a sync has succeeded.",
+            u8::from(self.is_ready()).to_string(),
+        );
+        let since = |m: &Mutex<Option<Instant>>| {
+            m.lock().ok().and_then(|t| *t).map_or_else(
+                || "NaN".to_string(),
+                |t| format!("{:.3}", t.elapsed().as_secs_f64()),
+            )
+        };
+        gauge(
+            "envlane_sync_seconds_since_last_write",
+            "Seconds since the last successful write (apply or delete); NaN before the first.",
+            since(&self.last_write),
+        );
+        gauge(
+            "envlane_sync_seconds_since_last_sync",
+            "Seconds since the cluster last matched the rendered objects; NaN before the first.",
+            since(&self.last_sync),
+        );
+        let mut counter = |name: &str, help: &str, lines: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in lines {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "envlane_sync_reconciles_total",
+            "Renders followed by a write pass.",
+            &[(String::new(), self.reconciles.load(Relaxed))],
+        );
+        counter(
+            "envlane_sync_writes_total",
+            "Objects applied or deleted.",
+            &[
+                ("{op=\"apply\"}".into(), self.applies.load(Relaxed)),
+                ("{op=\"delete\"}".into(), self.deletes.load(Relaxed)),
+            ],
+        );
+        let errors: Vec<(String, u64)> = ErrorKind::ALL
+            .iter()
+            .map(|k| (format!("{{kind=\"{}\"}}", k.as_str()), self.error_count(*k)))
+            .collect();
+        counter("envlane_sync_errors_total", "Errors by kind.", &errors);
+        counter(
+            "envlane_sync_invalid_env_labels_total",
+            "Pods seen with an env label value that is not a valid env (each pod and value once).",
+            &[(String::new(), self.invalid_env_labels.load(Relaxed))],
+        );
+        counter(
+            "envlane_sync_skipped_pairs_total",
+            "(service, env) pairs left out for another reason (each once).",
+            &[(String::new(), self.skipped_pairs.load(Relaxed))],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text() {
+        let m = Metrics::default();
+        m.error(ErrorKind::Conflict);
+        m.applies.fetch_add(3, Relaxed);
+        let text = m.to_prometheus();
+        assert!(text.contains("envlane_sync_errors_total{kind=\"conflict\"} 1"));
+        assert!(text.contains("envlane_sync_writes_total{op=\"apply\"} 3"));
+        assert!(text.contains("envlane_sync_seconds_since_last_write NaN"));
+        assert!(text.contains("envlane_sync_invalid_env_labels_total 0"));
+        m.wrote();
+        assert!(!m.to_prometheus().contains("last_write NaN"));
+    }
+}

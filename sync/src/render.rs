@@ -1,0 +1,628 @@
+//! Pure rendering: namespaces, pods and services in, the routing table and the
+//! Kubernetes objects to apply out. No I/O, no clock: the same inputs (in any
+//! order) give the same bytes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, ServiceEntry};
+use envlane::names::{fnv1a64, EnvName, Splitter, SubsetName};
+use envlane::table::{Node, RoutingTable};
+use serde_json::{json, Map, Value};
+
+use crate::model::{
+    Labels, Namespace, Pod, Service, HASH_ANNOTATION, MANAGED_BY_KEY, MANAGED_BY_VALUE,
+};
+use crate::selector::LabelSelector;
+
+/// Where the WasmPlugin runs: `AUTHN` is the earliest phase Istio offers, so
+/// the filter sets its route header before any other extension and long
+/// before the router picks the cluster.
+pub const WASM_PHASE: &str = "AUTHN";
+/// Higher runs first within a phase.
+pub const WASM_PRIORITY: i64 = 1000;
+/// Label on host mode's per-env Services naming the Service they copy.
+pub const SERVICE_LABEL: &str = "envlane.io/service";
+/// Label on host mode's per-env Services naming their subset.
+pub const SUBSET_LABEL: &str = "envlane.io/subset";
+pub const DEFAULT_WASM_URL: &str = "oci://ghcr.io/envlane/envlane-filter:0.1.0";
+
+/// Everything `render` needs besides the cluster's objects.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Filter settings; `envs`, `services` and `revision` are filled in here.
+    /// `env_label` is the pod label that holds the env.
+    pub settings: PluginConfig,
+    pub namespace_selector: LabelSelector,
+    pub wasm_plugin_name: String,
+    pub wasm_url: String,
+    pub wasm_sha256: Option<String>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            settings: PluginConfig::default(),
+            namespace_selector: LabelSelector::parse("envlane.io/enabled=true").unwrap_or_default(),
+            wasm_plugin_name: "envlane".into(),
+            wasm_url: DEFAULT_WASM_URL.into(),
+            wasm_sha256: None,
+        }
+    }
+}
+
+/// The kinds envlane-sync writes. The order is the output order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    WasmPlugin,
+    DestinationRule,
+    Service,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::WasmPlugin, Kind::DestinationRule, Kind::Service];
+
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::WasmPlugin => "extensions.istio.io",
+            Kind::DestinationRule => "networking.istio.io",
+            Kind::Service => "",
+        }
+    }
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Kind::WasmPlugin => "v1alpha1",
+            Kind::DestinationRule | Kind::Service => "v1",
+        }
+    }
+
+    pub fn api_version(self) -> String {
+        match self.group() {
+            "" => self.version().to_string(),
+            g => format!("{g}/{}", self.version()),
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            Kind::WasmPlugin => "WasmPlugin",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Service => "Service",
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::WasmPlugin => "wasmplugins",
+            Kind::DestinationRule => "destinationrules",
+            Kind::Service => "services",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.kind.kind(), self.namespace, self.name)
+    }
+}
+
+/// One object to apply, with the hash of its content (also stored in its
+/// `envlane.io/content-hash` annotation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredObject {
+    pub key: ObjectKey,
+    pub hash: String,
+    pub body: Value,
+}
+
+/// A pod whose env label value is not a valid env: skipped.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InvalidLabel {
+    pub namespace: String,
+    pub pod: String,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub envs: usize,
+    pub services: usize,
+    /// (service, env) pairs.
+    pub pairs: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// The table, as written into every WasmPlugin.
+    pub table: PluginConfig,
+    /// Sorted by key.
+    pub objects: Vec<DesiredObject>,
+    /// Sorted.
+    pub invalid_labels: Vec<InvalidLabel>,
+    /// Pairs left out for another reason (host mode: per-env Service name too long).
+    pub warnings: Vec<String>,
+    pub stats: TableStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("settings: {0}")]
+    Settings(String),
+    /// The filter would refuse this table: nothing is published.
+    #[error("the rendered table does not pass the filter's check: {0}")]
+    InvalidTable(ConfigError),
+}
+
+/// A Ready pod with a valid env, as far as the matching needs it.
+struct Candidate<'a> {
+    labels: &'a Labels,
+    env: &'a str,
+}
+
+/// Renders the table and the objects.
+pub fn render<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    services: impl IntoIterator<Item = &'a Service>,
+    opts: &RenderOptions,
+) -> Result<Rendered, RenderError> {
+    let settings = &opts.settings;
+    let splitter = Splitter::try_new(&settings.splitter)
+        .map_err(|e| RenderError::Settings(format!("splitter: {e}")))?;
+    let env_label = settings.env_label.as_str();
+
+    let opted: BTreeSet<&str> = namespaces
+        .into_iter()
+        .filter(|ns| opts.namespace_selector.matches(&ns.labels))
+        .map(|ns| ns.name.as_str())
+        .collect();
+
+    // Ready pods with a valid env, by namespace; invalid values reported.
+    let mut invalid_labels = Vec::new();
+    let mut by_namespace: HashMap<&str, Vec<Candidate<'_>>> = HashMap::new();
+    for pod in pods {
+        if !opted.contains(pod.namespace.as_str()) {
+            continue;
+        }
+        let Some(value) = pod.labels.get(env_label) else {
+            continue;
+        };
+        if let Err(e) = EnvName::try_new(value, splitter) {
+            invalid_labels.push(InvalidLabel {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                value: value.clone(),
+                reason: e.to_string(),
+            });
+            continue;
+        }
+        if pod.ready {
+            by_namespace
+                .entry(pod.namespace.as_str())
+                .or_default()
+                .push(Candidate {
+                    labels: &pod.labels,
+                    env: value.as_str(),
+                });
+        }
+    }
+    invalid_labels.sort();
+    invalid_labels.dedup();
+
+    // Each namespace's pods indexed by label pair, built when a service needs it.
+    let mut indexes: HashMap<&str, HashMap<(&str, &str), Vec<u32>>> = HashMap::new();
+    let mut with_envs: Vec<(&Service, BTreeSet<&str>)> = Vec::new();
+    for svc in services {
+        let usable = opted.contains(svc.namespace.as_str())
+            && !svc.is_managed()
+            && !svc.external_name
+            && !svc.selector.is_empty()
+            && !svc.ports.is_empty();
+        if !usable {
+            continue;
+        }
+        let Some(pods) = by_namespace.get(svc.namespace.as_str()) else {
+            continue;
+        };
+        let index = indexes
+            .entry(svc.namespace.as_str())
+            .or_insert_with(|| index_pods(pods));
+        let envs = matching_envs(svc, pods, index);
+        if !envs.is_empty() {
+            with_envs.push((svc, envs));
+        }
+    }
+    with_envs.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    // Two Services with the same namespace/name cannot exist; a duplicate in
+    // the input (e.g. a file listing it twice) keeps the first.
+    with_envs.dedup_by(|b, a| a.0.namespace == b.0.namespace && a.0.name == b.0.name);
+
+    // Subsets over every env in the table.
+    let all_envs: BTreeSet<&str> = with_envs
+        .iter()
+        .flat_map(|(_, e)| e.iter().copied())
+        .collect();
+    let env_list: Vec<&str> = all_envs.into_iter().collect();
+    let subsets = assign_subsets(&env_list, splitter);
+    let subset_of: HashMap<&str, &str> = env_list
+        .iter()
+        .copied()
+        .zip(subsets.iter().map(String::as_str))
+        .collect();
+
+    // Host mode: a pair whose per-env Service name is not a valid name is left out.
+    let mut warnings = Vec::new();
+    if settings.mode == Mode::Host {
+        for (svc, envs) in &mut with_envs {
+            envs.retain(|env| {
+                let subset = subset_of.get(env).copied().unwrap_or_default();
+                let name = per_env_service_name(&svc.name, subset);
+                let ok = is_dns1035_label(&name);
+                if !ok {
+                    warnings.push(format!(
+                        "service {}/{} env {env}: per-env Service name `{name}` is longer than 63 characters; left out",
+                        svc.namespace, svc.name
+                    ));
+                }
+                ok
+            });
+        }
+        with_envs.retain(|(_, envs)| !envs.is_empty());
+    }
+
+    let used: BTreeSet<&str> = with_envs
+        .iter()
+        .flat_map(|(_, e)| e.iter().copied())
+        .collect();
+    let env_index: HashMap<&str, u32> = used.iter().copied().zip(0u32..).collect();
+    let mut table = settings.clone();
+    table.revision = None;
+    table.envs = used
+        .iter()
+        .map(|env| EnvEntry {
+            name: (*env).to_string(),
+            subset: subset_of.get(env).map(|s| (*s).to_string()),
+        })
+        .collect();
+    let mut service_entries: Vec<ServiceEntry> = with_envs
+        .iter()
+        .map(|(svc, envs)| {
+            let mut ports: Vec<u16> = svc.ports.iter().map(|p| p.port).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ServiceEntry {
+                host: fqdn(svc, &settings.cluster_domain),
+                ports,
+                envs: envs
+                    .iter()
+                    .filter_map(|e| env_index.get(e).copied())
+                    .collect(),
+            }
+        })
+        .collect();
+    service_entries.sort_by(|a, b| a.host.cmp(&b.host));
+    table.services = service_entries;
+    table.revision = Some(short_hash(&table));
+    RoutingTable::compile(&table, &Node::default()).map_err(RenderError::InvalidTable)?;
+
+    let stats = TableStats {
+        envs: table.envs.len(),
+        services: table.services.len(),
+        pairs: table.services.iter().map(|s| s.envs.len()).sum(),
+    };
+
+    let mut objects = Vec::new();
+    let plugin_config = serde_json::to_value(&table)
+        .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?;
+    for ns in &opted {
+        objects.push(wasm_plugin(ns, &plugin_config, opts));
+    }
+    for (svc, envs) in &with_envs {
+        let pairs: Vec<(&str, &str)> = envs
+            .iter()
+            .map(|e| (*e, subset_of.get(e).copied().unwrap_or_default()))
+            .collect();
+        match settings.mode {
+            Mode::Cluster => objects.push(destination_rule(svc, &pairs, opts)),
+            Mode::Host => {
+                for (env, subset) in pairs {
+                    objects.push(per_env_service(svc, env, subset, env_label));
+                }
+            }
+        }
+    }
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+
+    Ok(Rendered {
+        table,
+        objects,
+        invalid_labels,
+        warnings,
+        stats,
+    })
+}
+
+fn index_pods<'a>(pods: &[Candidate<'a>]) -> HashMap<(&'a str, &'a str), Vec<u32>> {
+    let mut index: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+    for (i, pod) in (0u32..).zip(pods) {
+        for (k, v) in pod.labels {
+            index.entry((k.as_str(), v.as_str())).or_default().push(i);
+        }
+    }
+    index
+}
+
+/// The envs of the Ready pods `svc` selects: candidates from the selector's
+/// rarest label pair, each checked against the whole selector.
+fn matching_envs<'a>(
+    svc: &Service,
+    pods: &[Candidate<'a>],
+    index: &HashMap<(&str, &str), Vec<u32>>,
+) -> BTreeSet<&'a str> {
+    let mut rarest: Option<&Vec<u32>> = None;
+    for (k, v) in &svc.selector {
+        match index.get(&(k.as_str(), v.as_str())) {
+            None => return BTreeSet::new(),
+            Some(list) if rarest.is_none_or(|r| list.len() < r.len()) => rarest = Some(list),
+            Some(_) => {}
+        }
+    }
+    let Some(rarest) = rarest else {
+        return BTreeSet::new();
+    };
+    rarest
+        .iter()
+        .filter_map(|&i| pods.get(i as usize))
+        .filter(|pod| {
+            svc.selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+        })
+        .map(|pod| pod.env)
+        .collect()
+}
+
+pub fn fqdn(svc: &Service, cluster_domain: &str) -> String {
+    format!("{}.{}.svc.{cluster_domain}", svc.name, svc.namespace)
+}
+
+/// Host mode's per-env Service: `<service>-<subset>`, which is what the
+/// filter's default `hostTemplate` (`{name}-{subset}.{namespace}...`) names.
+pub fn per_env_service_name(service: &str, subset: &str) -> String {
+    format!("{service}-{subset}")
+}
+
+fn is_dns1035_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(u8::is_ascii_lowercase)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Subset names for `envs` (sorted, unique): `SubsetName::for_env`, then any
+/// name shared by two envs is replaced, for the envs it does not spell
+/// exactly, by the sanitised name with a 64-bit hash; anything still shared
+/// gets `-2`, `-3`, ... in env order. Valid DNS-1123 labels, all different.
+pub fn assign_subsets(envs: &[&str], splitter: Splitter) -> Vec<String> {
+    let first: Vec<String> = envs
+        .iter()
+        .map(|e| match EnvName::try_new(e, splitter) {
+            Ok(name) => SubsetName::for_env(&name).as_str().to_string(),
+            Err(_) => long_subset(e),
+        })
+        .collect();
+    resolve_collisions(envs, first)
+}
+
+/// The collision handling of [`assign_subsets`], given the first choices.
+pub fn resolve_collisions(envs: &[&str], mut subsets: Vec<String>) -> Vec<String> {
+    let count = |subsets: &[String]| {
+        let mut c: HashMap<String, usize> = HashMap::new();
+        for s in subsets {
+            *c.entry(s.clone()).or_default() += 1;
+        }
+        c
+    };
+    // Round 1: longer hash for everyone in a shared name but its exact owner.
+    let counts = count(&subsets);
+    for (env, subset) in envs.iter().zip(subsets.iter_mut()) {
+        if counts.get(subset.as_str()).is_some_and(|&n| n > 1) && subset.as_str() != *env {
+            *subset = long_subset(env);
+        }
+    }
+    // Round 2: numeric suffixes, in env order, for whatever is still shared.
+    let counts = count(&subsets);
+    let mut taken: HashSet<String> = counts
+        .iter()
+        .filter(|(_, &n)| n == 1)
+        .map(|(s, _)| s.clone())
+        .collect();
+    for subset in subsets.iter_mut() {
+        if counts.get(subset.as_str()).is_some_and(|&n| n == 1) {
+            continue;
+        }
+        if taken.insert(subset.clone()) {
+            continue; // the first of a shared name keeps it
+        }
+        let base = subset.clone();
+        let mut n = 2u32;
+        loop {
+            let suffix = format!("-{n}");
+            let mut stem = base.clone();
+            stem.truncate(63 - suffix.len());
+            let candidate = format!("{}{suffix}", stem.trim_end_matches('-'));
+            if taken.insert(candidate.clone()) {
+                *subset = candidate;
+                break;
+            }
+            n += 1;
+        }
+    }
+    subsets
+}
+
+fn long_subset(env: &str) -> String {
+    let mut base: String = env
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' => c,
+            _ => '-',
+        })
+        .collect();
+    base.truncate(46);
+    let base = base.trim_matches('-');
+    let hash = fnv1a64(env.as_bytes());
+    if base.is_empty() {
+        format!("env-{hash:016x}")
+    } else {
+        format!("{base}-{hash:016x}")
+    }
+}
+
+/// A short stable hash of the table (12 hex digits of FNV-1a over its JSON).
+fn short_hash(table: &PluginConfig) -> String {
+    let bytes = serde_json::to_vec(table).unwrap_or_default();
+    format!("{:012x}", fnv1a64(&bytes) & 0xffff_ffff_ffff)
+}
+
+fn object(
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    labels: Map<String, Value>,
+    spec: Value,
+) -> DesiredObject {
+    let mut labels = labels;
+    labels.insert(MANAGED_BY_KEY.into(), MANAGED_BY_VALUE.into());
+    let mut body = json!({
+        "apiVersion": kind.api_version(),
+        "kind": kind.kind(),
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+        },
+        "spec": spec,
+    });
+    let hash = format!(
+        "{:016x}",
+        fnv1a64(&serde_json::to_vec(&body).unwrap_or_default())
+    );
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "annotations".into(),
+            json!({ HASH_ANNOTATION: hash.clone() }),
+        );
+    }
+    DesiredObject {
+        key: ObjectKey {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        },
+        hash,
+        body,
+    }
+}
+
+fn wasm_plugin(namespace: &str, plugin_config: &Value, opts: &RenderOptions) -> DesiredObject {
+    let mut spec = json!({
+        "url": opts.wasm_url,
+        "phase": WASM_PHASE,
+        "priority": WASM_PRIORITY,
+        "type": "HTTP",
+        "failStrategy": "FAIL_OPEN",
+        "match": [{"mode": "CLIENT"}],
+        "pluginConfig": plugin_config,
+    });
+    if let (Some(sha), Some(map)) = (&opts.wasm_sha256, spec.as_object_mut()) {
+        map.insert("sha256".into(), sha.clone().into());
+    }
+    object(
+        Kind::WasmPlugin,
+        namespace,
+        &opts.wasm_plugin_name,
+        Map::new(),
+        spec,
+    )
+}
+
+fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions) -> DesiredObject {
+    let label = &opts.settings.env_label;
+    let subsets: Vec<Value> = pairs
+        .iter()
+        .map(|(env, subset)| json!({"name": subset, "labels": {label.as_str(): env}}))
+        .collect();
+    let spec = json!({
+        "host": fqdn(svc, &opts.settings.cluster_domain),
+        "subsets": subsets,
+    });
+    let mut labels = Map::new();
+    labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
+    object(
+        Kind::DestinationRule,
+        &svc.namespace,
+        &format!("envlane-{}", svc.name),
+        labels,
+        spec,
+    )
+}
+
+fn per_env_service(svc: &Service, env: &str, subset: &str, env_label: &str) -> DesiredObject {
+    let mut selector: BTreeMap<&str, &str> = svc
+        .selector
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    selector.insert(env_label, env);
+    let mut ports: Vec<&crate::model::ServicePort> = svc.ports.iter().collect();
+    ports.sort_by_key(|p| (p.port, p.protocol.clone()));
+    ports.dedup_by_key(|p| (p.port, p.protocol.clone()));
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| {
+            let mut m = Map::new();
+            if let Some(name) = &p.name {
+                m.insert("name".into(), name.clone().into());
+            }
+            m.insert("port".into(), p.port.into());
+            if let Some(t) = &p.target_port {
+                m.insert("targetPort".into(), t.clone());
+            }
+            if let Some(proto) = &p.protocol {
+                m.insert("protocol".into(), proto.clone().into());
+            }
+            if let Some(ap) = &p.app_protocol {
+                m.insert("appProtocol".into(), ap.clone().into());
+            }
+            Value::Object(m)
+        })
+        .collect();
+    let spec = json!({
+        "type": "ClusterIP",
+        "selector": selector,
+        "ports": ports,
+    });
+    let mut labels = Map::new();
+    labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
+    labels.insert(SUBSET_LABEL.into(), subset.into());
+    object(
+        Kind::Service,
+        &svc.namespace,
+        &per_env_service_name(&svc.name, subset),
+        labels,
+        spec,
+    )
+}
