@@ -100,10 +100,11 @@ impl Kind {
     }
 }
 
+/// Ordered by namespace, then kind, then name: the output order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub kind: Kind,
     pub namespace: String,
+    pub kind: Kind,
     pub name: String,
 }
 
@@ -626,3 +627,7 @@ fn per_env_service(svc: &Service, env: &str, subset: &str, env_label: &str) -> D
         spec,
     )
 }
+
+#[cfg(test)]
+#[path = "render_tests.rs"]
+mod tests;

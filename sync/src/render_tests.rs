@@ -1,0 +1,611 @@
+//! Table-driven tests of `render` with small fixture builders.
+
+use super::*;
+use crate::model::ServicePort;
+use envlane::config::PluginConfig;
+
+const ON: &str = "envlane.io/enabled";
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ns(name: &str, opted: bool) -> Namespace {
+    Namespace {
+        name: name.into(),
+        labels: if opted {
+            labels(&[(ON, "true")])
+        } else {
+            labels(&[])
+        },
+    }
+}
+
+fn pod(ns: &str, app: &str, env: &str, ready: bool) -> Pod {
+    Pod {
+        namespace: ns.into(),
+        name: format!("{app}-{env}-{}", u8::from(ready)),
+        labels: labels(&[("app", app), ("virtual-env", env), ("tier", "backend")]),
+        ready,
+    }
+}
+
+fn port(n: u16) -> ServicePort {
+    ServicePort {
+        name: Some(format!("p{n}")),
+        port: n,
+        protocol: Some("TCP".into()),
+        app_protocol: None,
+        target_port: Some(n.into()),
+    }
+}
+
+fn svc(ns: &str, name: &str, app: &str, ports: &[u16]) -> Service {
+    Service {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: Labels::new(),
+        selector: labels(&[("app", app)]),
+        ports: ports.iter().map(|&p| port(p)).collect(),
+        external_name: false,
+    }
+}
+
+fn opts_with(settings: PluginConfig) -> RenderOptions {
+    RenderOptions {
+        settings,
+        ..RenderOptions::default()
+    }
+}
+
+/// `host: env,env` lines: the table in a readable form.
+fn pairs(r: &Rendered) -> Vec<String> {
+    r.table
+        .services
+        .iter()
+        .map(|s| {
+            let envs: Vec<&str> = s
+                .envs
+                .iter()
+                .map(|&i| r.table.envs[i as usize].name.as_str())
+                .collect();
+            format!("{} {:?}: {}", s.host, s.ports, envs.join(","))
+        })
+        .collect()
+}
+
+fn alibaba_pods(ns: &str) -> Vec<Pod> {
+    let mut pods = Vec::new();
+    for (app, envs) in [
+        ("node", &["dev", "dev.proj1"][..]),
+        ("go", &["dev", "dev.proj2"][..]),
+        (
+            "springboot",
+            &["dev", "dev.proj1", "dev.proj1.feature1"][..],
+        ),
+    ] {
+        for env in envs {
+            pods.push(pod(ns, app, env, true));
+        }
+    }
+    pods
+}
+
+fn alibaba_services(ns: &str) -> Vec<Service> {
+    vec![
+        svc(ns, "node", "node", &[8080]),
+        svc(ns, "go", "go", &[8080]),
+        svc(ns, "java", "springboot", &[8080]),
+    ]
+}
+
+struct Case {
+    name: &'static str,
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+    services: Vec<Service>,
+    want: &'static [&'static str],
+}
+
+#[test]
+fn table_cases() {
+    let mut extra_unready = alibaba_pods("demo");
+    extra_unready.push(pod("demo", "go", "dev.proj3", false));
+    let mut shared_pods = alibaba_services("demo");
+    shared_pods.push(Service {
+        selector: labels(&[("tier", "backend"), ("app", "go")]),
+        ..svc("demo", "go-backend", "go", &[9000])
+    });
+    let mut not_inputs = alibaba_services("demo");
+    not_inputs.push(Service {
+        selector: Labels::new(),
+        ..svc("demo", "no-selector", "go", &[80])
+    });
+    not_inputs.push(Service {
+        external_name: true,
+        ..svc("demo", "external", "go", &[80])
+    });
+    not_inputs.push(Service {
+        labels: labels(&[(MANAGED_BY_KEY, MANAGED_BY_VALUE)]),
+        ..svc("demo", "go-dev", "go", &[8080])
+    });
+    not_inputs.push(svc("demo", "no-ports", "go", &[]));
+    not_inputs.push(svc("demo", "no-pods", "nothing", &[80]));
+
+    let cases = vec![
+        Case {
+            name: "hierarchy: each service lists exactly the envs with Ready pods",
+            namespaces: vec![ns("demo", true)],
+            pods: alibaba_pods("demo"),
+            services: alibaba_services("demo"),
+            want: &[
+                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
+            ],
+        },
+        Case {
+            name: "readiness: an un-Ready pod's env is not written",
+            namespaces: vec![ns("demo", true)],
+            pods: extra_unready,
+            services: alibaba_services("demo"),
+            want: &[
+                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
+            ],
+        },
+        Case {
+            name: "only un-Ready pods: the service is not in the table",
+            namespaces: vec![ns("demo", true)],
+            pods: vec![pod("demo", "go", "dev", false)],
+            services: vec![svc("demo", "go", "go", &[8080])],
+            want: &[],
+        },
+        Case {
+            name: "multi-port: all ports, sorted, duplicates (TCP/UDP) once",
+            namespaces: vec![ns("demo", true)],
+            pods: vec![pod("demo", "dns", "dev", true)],
+            services: vec![Service {
+                ports: vec![
+                    port(9090),
+                    port(53),
+                    ServicePort {
+                        protocol: Some("UDP".into()),
+                        ..port(53)
+                    },
+                ],
+                ..svc("demo", "dns", "dns", &[])
+            }],
+            want: &["dns.demo.svc.cluster.local [53, 9090]: dev"],
+        },
+        Case {
+            name: "several Services select the same pods",
+            namespaces: vec![ns("demo", true)],
+            pods: alibaba_pods("demo"),
+            services: shared_pods,
+            want: &[
+                "go-backend.demo.svc.cluster.local [9000]: dev,dev.proj2",
+                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
+            ],
+        },
+        Case {
+            name: "not opted in: ignored",
+            namespaces: vec![ns("demo", true), ns("other", false)],
+            pods: [alibaba_pods("demo"), alibaba_pods("other")].concat(),
+            services: [
+                alibaba_services("other"),
+                vec![svc("demo", "go", "go", &[8080])],
+            ]
+            .concat(),
+            want: &["go.demo.svc.cluster.local [8080]: dev,dev.proj2"],
+        },
+        Case {
+            name: "unknown namespace (not listed): ignored",
+            namespaces: vec![],
+            pods: alibaba_pods("demo"),
+            services: alibaba_services("demo"),
+            want: &[],
+        },
+        Case {
+            name: "no selector, ExternalName, own per-env Services, no ports, no pods: skipped",
+            namespaces: vec![ns("demo", true)],
+            pods: alibaba_pods("demo"),
+            services: not_inputs,
+            want: &[
+                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
+            ],
+        },
+        Case {
+            name: "two namespaces share one table",
+            namespaces: vec![ns("a", true), ns("b", true)],
+            pods: vec![pod("a", "go", "dev", true), pod("b", "go", "dev.x", true)],
+            services: vec![svc("a", "go", "go", &[80]), svc("b", "go", "go", &[80])],
+            want: &[
+                "go.a.svc.cluster.local [80]: dev",
+                "go.b.svc.cluster.local [80]: dev.x",
+            ],
+        },
+        Case {
+            name: "invalid env label values are skipped",
+            namespaces: vec![ns("demo", true)],
+            pods: vec![
+                pod("demo", "go", "dev", true),
+                pod("demo", "go", "dev..x", true),
+                pod("demo", "go", "dev/x", true),
+                pod("demo", "go", &"a".repeat(129), true),
+            ],
+            services: vec![svc("demo", "go", "go", &[80])],
+            want: &["go.demo.svc.cluster.local [80]: dev"],
+        },
+    ];
+    for case in cases {
+        let r = render(
+            &case.namespaces,
+            &case.pods,
+            &case.services,
+            &RenderOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(pairs(&r), case.want, "{}", case.name);
+        // Every table passes the filter's own check (render also does this).
+        RoutingTable::compile(&r.table, &Node::default()).unwrap();
+    }
+}
+
+#[test]
+fn invalid_labels_are_reported_with_the_splitter_in_force() {
+    let pods = vec![
+        pod("demo", "go", "dev", true),
+        pod("demo", "go", "dev.proj1", true),
+        pod("demo", "go", "dev-proj1", false),
+    ];
+    let services = vec![svc("demo", "go", "go", &[80])];
+    let dash = PluginConfig {
+        splitter: "-".into(),
+        ..PluginConfig::default()
+    };
+    let r = render(&[ns("demo", true)], &pods, &services, &opts_with(dash)).unwrap();
+    assert_eq!(pairs(&r), ["go.demo.svc.cluster.local [80]: dev"]);
+    assert_eq!(r.invalid_labels.len(), 1);
+    assert_eq!(r.invalid_labels[0].value, "dev.proj1");
+    assert_eq!(r.invalid_labels[0].pod, "go-dev.proj1-1");
+    // The un-Ready `dev-proj1` is valid with `-`, just not Ready.
+    let dot = render(
+        &[ns("demo", true)],
+        &pods,
+        &services,
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    assert!(dot.invalid_labels.is_empty());
+    assert_eq!(
+        pairs(&dot),
+        ["go.demo.svc.cluster.local [80]: dev,dev.proj1"]
+    );
+}
+
+#[test]
+fn subsets_are_explicit_valid_and_collision_free() {
+    let envs = ["dev.proj1", "dev_proj1", "dev-proj1", "Dev.Proj1"];
+    let pods: Vec<Pod> = envs.iter().map(|e| pod("demo", "go", e, true)).collect();
+    let r = render(
+        &[ns("demo", true)],
+        &pods,
+        &[svc("demo", "go", "go", &[80])],
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    let subsets: Vec<&str> = r
+        .table
+        .envs
+        .iter()
+        .map(|e| e.subset.as_deref().unwrap())
+        .collect();
+    assert_eq!(subsets.len(), 4);
+    let unique: BTreeSet<&str> = subsets.iter().copied().collect();
+    assert_eq!(unique.len(), 4, "{subsets:?}");
+    for s in &subsets {
+        SubsetName::try_new(s).unwrap();
+    }
+    let dash = r.table.envs.iter().find(|e| e.name == "dev-proj1").unwrap();
+    assert_eq!(
+        dash.subset.as_deref(),
+        Some("dev-proj1"),
+        "a DNS label keeps its name"
+    );
+}
+
+#[test]
+fn a_subset_collision_falls_back_to_a_longer_hash() {
+    // An env literally named like another env's derived subset.
+    let dotted = EnvName::try_new("dev.proj1", Splitter::default()).unwrap();
+    let derived = SubsetName::for_env(&dotted).as_str().to_string();
+    let envs = ["dev.proj1", derived.as_str()];
+    let pods: Vec<Pod> = envs.iter().map(|e| pod("demo", "go", e, true)).collect();
+    let r = render(
+        &[ns("demo", true)],
+        &pods,
+        &[svc("demo", "go", "go", &[80])],
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    let subset = |name: &str| {
+        r.table
+            .envs
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.subset.clone())
+            .unwrap()
+    };
+    assert_eq!(subset(&derived), derived, "the exact owner keeps the name");
+    let fallback = subset("dev.proj1");
+    assert_ne!(fallback, derived);
+    assert!(fallback.starts_with("dev-proj1-"), "{fallback}");
+    assert_eq!(
+        fallback.len(),
+        "dev-proj1-".len() + 16,
+        "64-bit hash: {fallback}"
+    );
+    SubsetName::try_new(&fallback).unwrap();
+}
+
+#[test]
+fn resolve_collisions_table() {
+    type Case<'a> = (&'a [&'a str], &'a [&'a str]);
+    let cases: &[Case<'_>] = &[
+        (&["a", "b"], &["a", "b"]),
+        // Same first choice, neither spells it: both get long hashes.
+        (&["x.y", "x_y"], &["same", "same"]),
+        // Three envs forced to one name that one of them owns.
+        (&["dup", "dup.a", "dup_a"], &["dup", "dup", "dup"]),
+    ];
+    for (envs, first) in cases {
+        let first: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+        let got = resolve_collisions(envs, first.clone());
+        let unique: BTreeSet<&String> = got.iter().collect();
+        assert_eq!(unique.len(), envs.len(), "{envs:?} -> {got:?}");
+        for s in &got {
+            SubsetName::try_new(s).unwrap();
+        }
+        assert_eq!(got, resolve_collisions(envs, first), "deterministic");
+    }
+    // Suffixes when even the long names are equal (same env listed twice).
+    let got = resolve_collisions(&["e.x", "e.x", "e.x"], vec!["s".into(); 3]);
+    let unique: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), 3, "{got:?}");
+    assert!(got[1].ends_with("-2") && got[2].ends_with("-3"), "{got:?}");
+}
+
+#[test]
+fn cluster_mode_objects() {
+    let r = render(
+        &[ns("demo", true), ns("empty", true), ns("off", false)],
+        &alibaba_pods("demo"),
+        &alibaba_services("demo"),
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    let keys: Vec<String> = r.objects.iter().map(|o| o.key.to_string()).collect();
+    assert_eq!(
+        keys,
+        [
+            "WasmPlugin/demo/envlane",
+            "DestinationRule/demo/envlane-go",
+            "DestinationRule/demo/envlane-java",
+            "DestinationRule/demo/envlane-node",
+            "WasmPlugin/empty/envlane",
+        ]
+    );
+    let wp = &r.objects[0].body;
+    assert_eq!(wp["spec"]["phase"], "AUTHN");
+    assert_eq!(wp["spec"]["match"][0]["mode"], "CLIENT");
+    assert_eq!(wp["spec"]["failStrategy"], "FAIL_OPEN");
+    assert_eq!(wp["metadata"]["labels"][MANAGED_BY_KEY], MANAGED_BY_VALUE);
+    let table: PluginConfig = serde_json::from_value(wp["spec"]["pluginConfig"].clone()).unwrap();
+    assert_eq!(table, r.table);
+    assert!(table.envs.iter().all(|e| e.subset.is_some()));
+    assert_eq!(
+        r.objects[4].body["spec"]["pluginConfig"],
+        wp["spec"]["pluginConfig"]
+    );
+    let rev = table.revision.as_deref().unwrap();
+    assert_eq!(rev.len(), 12);
+
+    let dr = &r.objects[2].body;
+    assert_eq!(dr["spec"]["host"], "java.demo.svc.cluster.local");
+    let subsets = dr["spec"]["subsets"].as_array().unwrap();
+    assert_eq!(subsets.len(), 3);
+    for (s, env) in subsets
+        .iter()
+        .zip(["dev", "dev.proj1", "dev.proj1.feature1"])
+    {
+        assert_eq!(s["labels"]["virtual-env"], env);
+        let want = table
+            .envs
+            .iter()
+            .find(|e| e.name == env)
+            .unwrap()
+            .subset
+            .clone();
+        assert_eq!(s["name"].as_str(), want.as_deref());
+    }
+    for o in &r.objects {
+        assert_eq!(
+            o.body["metadata"]["annotations"][HASH_ANNOTATION],
+            o.hash.as_str()
+        );
+    }
+}
+
+#[test]
+fn host_mode_writes_per_env_services() {
+    let settings = PluginConfig {
+        mode: Mode::Host,
+        ..PluginConfig::default()
+    };
+    let mut services = alibaba_services("demo");
+    services[1].ports.push(port(9090));
+    let long = "s".repeat(50);
+    services.push(svc("demo", &long, "go", &[80]));
+    let r = render(
+        &[ns("demo", true)],
+        &alibaba_pods("demo"),
+        &services,
+        &opts_with(settings),
+    )
+    .unwrap();
+    assert!(r
+        .objects
+        .iter()
+        .all(|o| o.key.kind != Kind::DestinationRule));
+    let svcs: Vec<&DesiredObject> = r
+        .objects
+        .iter()
+        .filter(|o| o.key.kind == Kind::Service)
+        .collect();
+    assert_eq!(
+        svcs.len(),
+        7 + 1,
+        "one per (service, env) pair, plus `dev` of the long name"
+    );
+    let go_proj2 = svcs
+        .iter()
+        .find(|o| o.body["spec"]["selector"]["virtual-env"] == "dev.proj2")
+        .unwrap();
+    let subset = r
+        .table
+        .envs
+        .iter()
+        .find(|e| e.name == "dev.proj2")
+        .and_then(|e| e.subset.clone())
+        .unwrap();
+    assert_eq!(go_proj2.key.name, format!("go-{subset}"));
+    assert_eq!(go_proj2.body["spec"]["selector"]["app"], "go");
+    let ports = go_proj2.body["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 2);
+    assert_eq!(ports[0]["port"], 8080);
+    assert_eq!(ports[1]["port"], 9090);
+    assert_eq!(
+        go_proj2.body["metadata"]["labels"][MANAGED_BY_KEY],
+        MANAGED_BY_VALUE
+    );
+    // The long service: `dev` fits (50 + 4 chars), the hashed subsets do not.
+    assert!(!r.warnings.is_empty());
+    let long_host = format!("{long}.demo.svc.cluster.local");
+    let entry = r
+        .table
+        .services
+        .iter()
+        .find(|s| s.host == long_host)
+        .unwrap();
+    assert_eq!(entry.envs.len(), 1);
+    RoutingTable::compile(&r.table, &Node::default()).unwrap();
+}
+
+#[test]
+fn output_does_not_depend_on_input_order() {
+    let namespaces = vec![ns("demo", true), ns("b", true)];
+    let mut pods = alibaba_pods("demo");
+    pods.extend(alibaba_pods("b"));
+    let mut services = alibaba_services("demo");
+    services.extend(alibaba_services("b"));
+    let a = render(&namespaces, &pods, &services, &RenderOptions::default()).unwrap();
+    let mut ns_rev = namespaces.clone();
+    ns_rev.reverse();
+    pods.reverse();
+    services.reverse();
+    let b = render(&ns_rev, &pods, &services, &RenderOptions::default()).unwrap();
+    assert_eq!(a.objects, b.objects);
+    assert_eq!(
+        crate::output::to_yaml(&a.objects).unwrap(),
+        crate::output::to_yaml(&b.objects).unwrap()
+    );
+}
+
+#[test]
+fn env_removal_changes_only_what_it_must() {
+    let pods = alibaba_pods("demo");
+    let before = render(
+        &[ns("demo", true)],
+        &pods,
+        &alibaba_services("demo"),
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    // The last Ready pod of node@dev.proj1 goes away.
+    let after_pods: Vec<Pod> = pods
+        .into_iter()
+        .filter(|p| !(p.labels["app"] == "node" && p.labels["virtual-env"] == "dev.proj1"))
+        .collect();
+    let after = render(
+        &[ns("demo", true)],
+        &after_pods,
+        &alibaba_services("demo"),
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        pairs(&after),
+        [
+            "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+            "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+            "node.demo.svc.cluster.local [8080]: dev",
+        ]
+    );
+    let changed: Vec<String> = before
+        .objects
+        .iter()
+        .zip(&after.objects)
+        .filter(|(a, b)| a.hash != b.hash)
+        .map(|(a, _)| a.key.to_string())
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            "WasmPlugin/demo/envlane",
+            "DestinationRule/demo/envlane-node"
+        ]
+    );
+    assert_ne!(before.table.revision, after.table.revision);
+}
+
+#[test]
+fn a_table_the_filter_refuses_is_not_published() {
+    let settings = PluginConfig {
+        mode: Mode::Host,
+        host_template: "{name}_{subset}.{namespace}.svc.{clusterDomain}".into(),
+        ..PluginConfig::default()
+    };
+    let err = render(
+        &[ns("demo", true)],
+        &alibaba_pods("demo"),
+        &alibaba_services("demo"),
+        &opts_with(settings),
+    )
+    .unwrap_err();
+    assert!(matches!(err, RenderError::InvalidTable(_)), "{err}");
+}
+
+#[test]
+fn sha256_and_plugin_name_flags() {
+    let opts = RenderOptions {
+        wasm_plugin_name: "routing".into(),
+        wasm_sha256: Some("ab".repeat(32)),
+        wasm_url: "oci://example/x:1".into(),
+        ..RenderOptions::default()
+    };
+    let r = render(&[ns("demo", true)], &[], &[], &opts).unwrap();
+    assert_eq!(r.objects.len(), 1);
+    assert_eq!(r.objects[0].key.name, "routing");
+    assert_eq!(r.objects[0].body["spec"]["sha256"], "ab".repeat(32));
+    assert_eq!(r.objects[0].body["spec"]["url"], "oci://example/x:1");
+    assert!(r.table.services.is_empty());
+}
