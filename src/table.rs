@@ -176,7 +176,7 @@ impl RoutingTable {
             ports.sort_unstable();
             ports.dedup();
             let parts = FqdnParts::of(fqdn.as_str(), &config.cluster_domain);
-            if mode_needs_parts(config.mode) && parts.is_none() {
+            if config.mode == Mode::Host && parts.is_none() {
                 return Err(ConfigError::new(
                     field("host"),
                     format!(
@@ -300,10 +300,6 @@ impl RoutingTable {
     pub fn pair_count(&self) -> usize {
         self.services.iter().map(|s| s.envs.len()).sum()
     }
-}
-
-fn mode_needs_parts(mode: Mode) -> bool {
-    mode == Mode::Host
 }
 
 /// `name.namespace.svc.<domain>` split up.
