@@ -1,6 +1,12 @@
 //! `envlane-sync render` on the fixtures in testdata/: golden output,
 //! determinism, and the objects checked against Istio's CRD schemas.
 //! `UPDATE_GOLDEN=1 cargo nextest run -p envlane-sync` rewrites the golden files.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
