@@ -9,13 +9,52 @@
 //! `dev.team3` finds its subset at level 1; `dev.team3.u1` at level 2 (one
 //! fallback); `dev.team3.u1.x` at 3; `dev.team3.u1.x.y` at 4.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use envlane::config::{EnvEntry, PluginConfig, ServiceEntry};
 use envlane::decide::{plan, resolve, Headers};
 use envlane::table::{Node, RoutingTable};
+
+/// Counts heap allocations (alloc and realloc), to report them per call.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations made by `f`, per call, over `n` calls.
+fn allocs_per_call(n: u64, mut f: impl FnMut()) -> f64 {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..n {
+        f();
+    }
+    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / n as f64
+}
 
 /// (label, services, envs per service)
 const SIZES: &[(&str, usize, usize)] = &[("10", 1, 10), ("1k", 100, 10), ("100k", 10_000, 10)];
@@ -85,7 +124,98 @@ impl Headers for MapHeaders {
     }
 }
 
+fn headers_for(services: usize, depth: usize) -> MapHeaders {
+    MapHeaders(HashMap::from([
+        (":authority", format!("svc{}:8080", services / 2)),
+        ("x-virtual-env", env_at_depth(depth)),
+        (":path", "/".to_string()),
+        (":method", "GET".to_string()),
+    ]))
+}
+
+/// `ALLOC` lines: allocations per `resolve` and per `plan` (the latter
+/// includes the owned header copies `MapHeaders::get` returns, as the Wasm
+/// glue gets owned copies from the host).
+fn print_allocations() {
+    for &(label, services, envs) in SIZES {
+        let Some(t) = table(services, envs) else {
+            return;
+        };
+        let authority = format!("svc{}:8080", services / 2);
+        let Some(service) = t.service(&authority) else {
+            return;
+        };
+        for depth in 1..=4 {
+            let env = env_at_depth(depth);
+            let r = allocs_per_call(1000, || {
+                black_box(resolve(
+                    black_box(&t),
+                    black_box(Some(env.as_str())),
+                    &service,
+                ));
+            });
+            let h = headers_for(services, depth);
+            let gets = allocs_per_call(1000, || {
+                black_box(h.get(":authority"));
+                black_box(h.get("x-virtual-env"));
+            });
+            let p = allocs_per_call(1000, || {
+                black_box(plan(black_box(&t), black_box(&h)));
+            });
+            println!(
+                "ALLOC pairs={label} depth={depth} resolve={r:.2} plan={p:.2} plan_without_header_copies={:.2}",
+                p - gets
+            );
+        }
+    }
+}
+
+/// `ENVLANE_DRIVER=what:pairs:depth:n`: n calls and nothing else.
+fn driver(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [what, pairs, depth, n] = parts.as_slice() else {
+        eprintln!("ENVLANE_DRIVER=resolve|plan:10|1k|100k:DEPTH:N");
+        return;
+    };
+    let Some(&(_, services, envs)) = SIZES.iter().find(|s| s.0 == *pairs) else {
+        eprintln!("unknown size {pairs}");
+        return;
+    };
+    let (Ok(depth), Ok(n)) = (depth.parse::<usize>(), n.parse::<u64>()) else {
+        eprintln!("bad depth or count in {spec}");
+        return;
+    };
+    let Some(t) = table(services, envs) else {
+        return;
+    };
+    let h = headers_for(services, depth);
+    let env = env_at_depth(depth);
+    let authority = format!("svc{}:8080", services / 2);
+    let Some(service) = t.service(&authority) else {
+        return;
+    };
+    for _ in 0..n {
+        match *what {
+            "resolve" => {
+                black_box(resolve(
+                    black_box(&t),
+                    black_box(Some(env.as_str())),
+                    &service,
+                ));
+            }
+            _ => {
+                black_box(plan(black_box(&t), black_box(&h)));
+            }
+        }
+    }
+}
+
 fn benches(c: &mut Criterion) {
+    if let Ok(spec) = std::env::var("ENVLANE_DRIVER") {
+        driver(&spec);
+        std::process::exit(0);
+    }
+    print_allocations();
     let mut g = c.benchmark_group("resolve");
     g.throughput(Throughput::Elements(1));
     for &(label, services, envs) in SIZES {
@@ -121,12 +251,7 @@ fn benches(c: &mut Criterion) {
             return;
         };
         for depth in 1..=4 {
-            let headers = MapHeaders(HashMap::from([
-                (":authority", format!("svc{}:8080", services / 2)),
-                ("x-virtual-env", env_at_depth(depth)),
-                (":path", "/".to_string()),
-                (":method", "GET".to_string()),
-            ]));
+            let headers = headers_for(services, depth);
             if plan(&t, &headers).route_to_cluster.is_none() {
                 eprintln!("plan found no cluster at depth {depth}");
                 return;
