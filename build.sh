@@ -63,8 +63,8 @@ build_wasm() {
 }
 
 build_native() {
-  log "building native binaries (test app)"
-  cargo build --quiet --release -p envlane-testapp
+  log "building native binaries (test app, envlane-sync)"
+  cargo build --quiet --release -p envlane-testapp -p envlane-sync
 }
 
 case "${1:-build}" in
