@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ ENVOY_CPU = 0
 LOAD_CPU = 1
 CONNS = 32  # in flight in the throughput runs (wrk -c32; h2load -c8 -m4)
 HOT = 16  # services the requests spread over
+WASM_MODULE = harness.WASM  # --wasm: measure another build of the filter
 USER_SUFFIX = ".user7.x"  # two levels below a team env: found at the 3rd level tried
 
 
@@ -271,22 +273,27 @@ def taskset(cpu: int) -> list[str]:
     return []
 
 
+_SEQ = itertools.count()
+
+
 class Proxy:
     """One Envoy for one variant."""
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
-                 extra_clusters: list[str] = (), plugin_config: dict | None = None):
+                 extra_clusters: list[str] = (), plugin_config: dict | None = None, name: str | None = None):
         self.variant = variant
         self.table = table
         self.expect_default = False  # routed by the plain default route (passthrough)
         self.port = free_port()
-        self.ecds_path = workdir / f"{variant}-{table.label}-ecds.json"
+        # Unique per Envoy: the ECDS file and the log must not be shared.
+        self.name = re.sub(r"[^A-Za-z0-9]+", "-", name or variant) + f"-{table.label}-{next(_SEQ)}"
+        self.ecds_path = workdir / f"{self.name}-ecds.json"
         filters: list[dict] = []
         if variant == "A":
             vhosts = vhosts_a(table)
         elif variant == "B":
             vhosts = vhosts_envlane(table)
-            write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config()))
+            write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config(), wasm=WASM_MODULE))
             filters = [wasm_filter_ecds(self.ecds_path)]
         elif variant == "C":
             vhosts = vhosts_native(table)
@@ -305,7 +312,7 @@ class Proxy:
         hcm["route_config"]["validate_clusters"] = False
         started = time.monotonic()
         with on_cpu(ENVOY_CPU):
-            self.envoy = Envoy(f"envoy-{variant}-{table.label}", boot, workdir, concurrency=1)
+            self.envoy = Envoy(f"envoy-{self.name}", boot, workdir, concurrency=1)
         try:
             self.envoy.wait_ready(timeout=300)
             if variant == "B":
@@ -454,14 +461,14 @@ def routed_share(proxy: Proxy, before: dict[str, int]) -> float | None:
 
 def run_h2load(proxy: Proxy, host: str, env: str, seconds: float, warmup: float, name: str, workdir: Path) -> Result:
     logf = workdir / f"h2load-{name}.log"
-    argv = taskset(LOAD_CPU) + [
-        "h2load", "-t1", "-c8", "-m4", f"-D{int(seconds)}", f"--warm-up-time={int(warmup)}",
-        "-H", f":authority: {host}", "-H", f"x-virtual-env: {env}", f"--log-file={logf}", proxy.url(),
-    ]
+    common = taskset(LOAD_CPU) + ["h2load", "-t1", "-c8", "-m4", "-H", f":authority: {host}", "-H", f"x-virtual-env: {env}"]
+    if warmup > 0:
+        subprocess.run(common + [f"-D{max(1, round(warmup))}", proxy.url()], capture_output=True, text=True, timeout=warmup + 60, check=True)
+    argv = common + [f"-D{max(1, round(seconds))}", f"--log-file={logf}", proxy.url()]
     before_counts = proxy.cluster_counts()
     cpu0 = cpu_seconds(proxy.pid)
     t0 = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60, check=True)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
     wall = time.monotonic() - t0
     cpu = cpu_seconds(proxy.pid) - cpu0
     m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out.stdout)
@@ -521,7 +528,50 @@ def smoke(proxy: Proxy) -> None:
             raise RuntimeError(f"{proxy.variant} {host} {env}: HTTP {status} {body[:200]}")
 
 
-def per_request(args, workdir: Path, upstream: App, results: dict[str, Result], notes: list[str]) -> None:
+def merge(name: str, parts: list[Result]) -> Result:
+    """Rounds of one run: totals for req/s and CPU, the mean of the rounds'
+    percentiles (wrk reports percentiles per run only)."""
+    reqs = sum(p.requests for p in parts)
+    secs = sum(p.requests / p.rps for p in parts if p.rps)
+    n = len(parts)
+    r = Result(
+        name=name, rps=reqs / secs if secs else 0.0, requests=reqs,
+        p50=sum(p.p50 for p in parts) / n, p99=sum(p.p99 for p in parts) / n, p999=sum(p.p999 for p in parts) / n,
+        errors=sum(p.errors for p in parts), envoy_cpu=sum(p.envoy_cpu for p in parts) / n,
+        cpu_us_per_req=sum(p.cpu_us_per_req * p.requests for p in parts) / max(reqs, 1), rss_mib=parts[-1].rss_mib,
+    )
+    oks = [p.routed_ok for p in parts if p.routed_ok is not None]
+    r.routed_ok = sum(oks) / len(oks) if oks else None
+    r.note = "rounds req/s: " + " / ".join(f"{p.rps:,.0f}" for p in parts)
+    r.raw = {"rounds": [vars(p) for p in parts]}
+    return r
+
+
+def measure(proxies: dict[str, tuple[Proxy, Path]], runs: list[tuple[str, str, int]], args, results: dict[str, Result], h2: bool = False,
+            workdir: Path | None = None) -> None:
+    """Every run in `runs` (result name, proxy name, connections) gets
+    `--rounds` slices of duration/rounds seconds, interleaved across runs so
+    that drift in the machine's other load hits every variant alike."""
+    rounds = max(1, args.rounds)
+    slice_s = max(1, round(args.duration / rounds))
+    warm = max(1, round(args.warmup / rounds))
+    parts: dict[str, list[Result]] = {name: [] for name, _, _ in runs}
+    for k in range(rounds):
+        for name, pname, conns in runs:
+            proxy, script = proxies[pname]
+            if h2:
+                host, env, _ = proxy.table.requests()[len(proxy.table.requests()) // 2]
+                r = run_h2load(proxy, host, env, slice_s, warm, f"{name}-{k}", workdir)
+            else:
+                r = run_wrk(proxy, script, conns, slice_s, warm, name)
+            parts[name].append(r)
+            log(f"{name} [round {k + 1}/{rounds}]: {r.rps:,.0f} req/s p50 {r.p50:.0f} p99 {r.p99:.0f} p99.9 {r.p999:.0f} µs; "
+                f"Envoy CPU {r.envoy_cpu:.0%}, {r.cpu_us_per_req:.1f} µs/req; errors {r.errors}")
+    for name, _, _ in runs:
+        results[name] = merge(name, parts[name])
+
+
+def per_request(args, workdir: Path, upstream: App, results: dict[str, Result]) -> None:
     main = Table(args.services, 10)
     # B passthrough (a diagnostic): the same filter and table, but the
     # requested hosts are not in it, so the filter reads the headers and
@@ -542,45 +592,47 @@ def per_request(args, workdir: Path, upstream: App, results: dict[str, Result], 
         ("C", "C 100 envs", Table(args.services_100, 100), None),
     ]
     if args.only:
-        plan = [p for p in plan if p[1] in args.only]
-    for variant, name, table, plugin_config in plan:
-        log(f"{name}: {table.services} services x {table.envs} envs = {table.pairs} pairs; starting Envoy")
-        proxy = Proxy(variant, table, upstream.port, workdir, plugin_config=plugin_config)
-        proxy.expect_default = plugin_config is passthrough
-        try:
+        plan = [p for p in plan if p[1] in args.only or f"{p[1]} c=1" in args.only]
+    proxies: dict[str, tuple[Proxy, Path]] = {}
+    try:
+        # All Envoys up at once (idle ones cost nothing), so the runs can be interleaved.
+        for variant, name, table, plugin_config in plan:
+            log(f"{name}: {table.services} services x {table.envs} envs = {table.pairs} pairs; starting Envoy")
+            proxy = Proxy(variant, table, upstream.port, workdir, plugin_config=plugin_config, name=name)
+            proxy.expect_default = plugin_config is passthrough
+            proxies[name] = (proxy, wrk_script(workdir / f"wrk-{variant}-{table.label}.lua", table.requests()))
             log(f"{name}: Envoy ready in {proxy.startup_s:.1f} s, RSS {rss_kib(proxy.pid) / 1024:.0f} MiB")
             smoke(proxy)
-            script = wrk_script(workdir / f"wrk-{variant}-{table.label}.lua", table.requests())
-            r = run_wrk(proxy, script, CONNS, args.duration, args.warmup, name)
-            r.note = f"startup {proxy.startup_s:.1f}s"
-            results[name] = r
-            log(f"{name}: {r.rps:,.0f} req/s p50 {r.p50:.0f} p99 {r.p99:.0f} p99.9 {r.p999:.0f} µs; Envoy CPU {r.envoy_cpu:.0%}, {r.cpu_us_per_req:.1f} µs/req; errors {r.errors}")
-            if name in ("A", "B", "C", "D"):
-                lat = run_wrk(proxy, script, 1, args.duration, min(args.warmup, 1), f"{name} c=1")
-                results[f"{name} c=1"] = lat
-                log(f"{name} c=1: p50 {lat.p50:.0f} p99 {lat.p99:.0f} p99.9 {lat.p999:.0f} µs")
-        finally:
+        runs = [(name, name, CONNS) for name in proxies]
+        runs += [(f"{name} c=1", name, 1) for name in ("A", "B", "C", "D") if name in proxies]
+        if args.only:
+            runs = [r for r in runs if r[0] in args.only]
+        measure(proxies, runs, args, results)
+        for name, (proxy, _) in proxies.items():
+            for key in (name, f"{name} c=1"):
+                if key in results:
+                    results[key].note = f"Envoy startup {proxy.startup_s:.1f} s; " + results[key].note
+    finally:
+        for proxy, _ in proxies.values():
             proxy.close()
 
 
 def per_request_h2(args, workdir: Path, results: dict[str, Result]) -> None:
     upstream = start_upstream(workdir, "upstream-h2", "x-bench-none", h2=True)
+    proxies: dict[str, tuple[Proxy, Path]] = {}
     try:
         table = Table(args.services, 10)
-        host, env, _ = table.requests()[len(table.requests()) // 2]
         for variant in ("A", "B"):
             name = f"{variant} h2"
             if args.only and name not in args.only:
                 continue
-            proxy = Proxy(variant, table, upstream.port, workdir, h2_upstream=True)
-            try:
-                smoke(proxy)
-                r = run_h2load(proxy, host, env, args.duration, args.warmup, name, workdir)
-                results[name] = r
-                log(f"{name}: {r.rps:,.0f} req/s p50 {r.p50:.0f} p99 {r.p99:.0f} p99.9 {r.p999:.0f} µs; Envoy CPU {r.envoy_cpu:.0%}; errors {r.errors}")
-            finally:
-                proxy.close()
+            proxy = Proxy(variant, table, upstream.port, workdir, h2_upstream=True, name=name)
+            proxies[name] = (proxy, Path())
+            smoke(proxy)
+        measure(proxies, [(name, name, 0) for name in proxies], args, results, h2=True, workdir=workdir)
     finally:
+        for proxy, _ in proxies.values():
+            proxy.close()
         upstream.close()
 
 
@@ -621,7 +673,7 @@ def config_changes(args, workdir: Path) -> list[Reload]:
             if probe_clusters[0] not in first:
                 raise RuntimeError(f"probe before any push went elsewhere: {first}")
             for k, table in enumerate(sizes, start=1):
-                text = ecds_resource(table.config(f"push{k}", {"dev.team0": f"push{k}"}))
+                text = ecds_resource(table.config(f"push{k}", {"dev.team0": f"push{k}"}), wasm=WASM_MODULE)
                 log_len = len(proxy.envoy.process.log())
                 rss_before = rss_kib(proxy.pid) / 1024
                 t0 = time.monotonic()
@@ -807,7 +859,7 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
     L.append(f"machine: nproc={m['nproc']} cpu={m['cpu']} mem={m['mem_gib']:.1f} GiB kernel={m['kernel']}")
     L.append(f"versions: {m['envoy']}; {m['rustc']}")
     L.append(f"load average before/after: {' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    L.append(f"settings: {args.duration:g} s measured after {args.warmup:g} s warm-up per run; wrk -t1 -c{CONNS} (HTTP/1.1), "
+    L.append(f"settings: {args.duration:g} s measured after {args.warmup:g} s warm-up per run, in {args.rounds} interleaved rounds; wrk -t1 -c{CONNS} (HTTP/1.1), "
              f"h2load -t1 -c8 -m4 (h2c); Envoy --concurrency 1 on CPU {ENVOY_CPU}, load tool and upstream on CPU {LOAD_CPU}; total {elapsed:.0f} s")
     L.append("")
     L.append("## Per request (real Envoy, loopback)")
@@ -960,12 +1012,16 @@ def main() -> int:
     ap.add_argument("--services-100", type=int, default=1000, help="services of the 100-envs-per-service table (default 1000)")
     ap.add_argument("--only", nargs="*", help="only these per-request runs (e.g. A B 'C 100 envs')")
     ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render"])
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per run (duration is split across them; default 2)")
     ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
     ap.add_argument("--crit-warmup", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--wasm", type=Path, default=harness.WASM, help="the filter module for B (default dist/envlane.wasm)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.warmup, args.crit_time, args.crit_warmup = 2.0, 1.0, 0.5, 0.2
+    global WASM_MODULE
+    WASM_MODULE = args.wasm.resolve()
     started = time.monotonic()
     load_before = os.getloadavg()
     ensure_tools()
@@ -980,7 +1036,7 @@ def main() -> int:
         if "http1" not in args.skip:
             upstream = start_upstream(workdir, "upstream", "x-bench-none")
             try:
-                per_request(args, workdir, upstream, results, [])
+                per_request(args, workdir, upstream, results)
             finally:
                 upstream.close()
         if "h2" not in args.skip:
