@@ -13,7 +13,8 @@ Pins, recorded in wasm-plugin-manifests/pins.json and written into the objects:
   module's own sha256 is recorded too (annotation `envlane.io/module-sha256`;
   it is the `sha256` to use with an `http(s)://` or `file://` URL);
 * the envlane-sync image digest, from dist/oci/envlane-sync/index.json when
-  that image was built (`./build.sh images`), else the one already pinned.
+  that image was built (`./build.sh images`) after its sources last changed,
+  else the one already pinned.
 
 When dist/envlane.wasm is missing the pins already in pins.json are used, so
 the output never depends on what happens to be built, only on the pins.
@@ -176,6 +177,20 @@ def load_pins() -> dict:
     return {}
 
 
+def sync_sources_mtime() -> float:
+    """Newest modification time of what the envlane-sync binary is built from."""
+    paths = [ROOT / "Cargo.toml", ROOT / "Cargo.lock", ROOT / "sync" / "Cargo.toml"]
+    for tree in (ROOT / "src", ROOT / "sync" / "src"):
+        if tree.is_dir():
+            paths += [p for p in tree.rglob("*") if p.is_file()]
+    return max((p.stat().st_mtime for p in paths if p.is_file()), default=0.0)
+
+
+def sync_image_is_fresh() -> bool:
+    """dist/oci/envlane-sync exists and was built after its sources last changed."""
+    return SYNC_INDEX.is_file() and SYNC_INDEX.stat().st_mtime >= sync_sources_mtime()
+
+
 def resolve_pins(registry: str | None, version: str | None, variant: str | None, quiet: bool = False) -> dict:
     old = load_pins()
     registry = registry or old.get("registry") or oci.default_registry()
@@ -203,11 +218,12 @@ def resolve_pins(registry: str | None, version: str | None, variant: str | None,
         raise SystemExit("dist/envlane.wasm is missing and nothing is pinned yet: run ./build.sh first")
 
     sync_ref = f"{registry}/{SYNC}:{version}"
-    if SYNC_INDEX.is_file():
+    if sync_image_is_fresh():
         index = json.loads(SYNC_INDEX.read_text())
         sync = {"image": sync_ref, "digest": index["manifests"][0]["digest"]}
     elif old.get("sync", {}).get("digest"):
-        warn("dist/oci/envlane-sync is missing: keeping the pinned envlane-sync image")
+        why = "older than its sources (run ./build.sh images)" if SYNC_INDEX.is_file() else "missing"
+        warn(f"dist/oci/envlane-sync is {why}: keeping the pinned envlane-sync image")
         sync = {"image": sync_ref, "digest": old["sync"]["digest"]}
     else:
         warn("no envlane-sync image built or pinned yet: the Deployment uses the tag only")
@@ -652,6 +668,20 @@ def differences(files: dict[str, str]) -> list[str]:
     return bad
 
 
+def dirty_sources() -> list[str]:
+    """Uncommitted changes that the built artifacts (and so the pins) include."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "sync", "Cargo.toml", "Cargo.lock"],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else []
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
@@ -671,6 +701,13 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"wasm-plugin-manifests/ is up to date ({len(files)} files)")
         return 0
+    dirty = dirty_sources()
+    if dirty:
+        print(
+            "gen_manifests: warning: uncommitted changes in " + ", ".join(dirty[:5]) + (" ..." if len(dirty) > 5 else "")
+            + ": the pins match this working tree, not HEAD; CI builds HEAD",
+            file=sys.stderr,
+        )
     for rel, content in files.items():
         path = OUT / rel
         path.parent.mkdir(parents=True, exist_ok=True)
