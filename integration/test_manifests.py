@@ -442,7 +442,8 @@ def test_sync_deployment_is_hardened_and_pinned():
     assert args["listen"] == "0.0.0.0:9090"
     assert args["wasm-url"] == one("WasmPlugin")["spec"]["url"]
     assert args["wasm-sha256"] == one("WasmPlugin")["spec"]["sha256"]
-    assert args["settings"].startswith(pod["volumes"][0] and c["volumeMounts"][0]["mountPath"])
+    assert args["settings"].startswith(c["volumeMounts"][0]["mountPath"] + "/")
+    assert pod["volumes"][0]["name"] == c["volumeMounts"][0]["name"]
     pdb = one("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     svc = one("Service", "envlane-sync-metrics")

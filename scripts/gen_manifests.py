@@ -258,7 +258,7 @@ def settings(mode: str) -> dict:
     }
 
 
-def plugin_skeleton(pins: dict) -> dict:
+def plugin_skeleton() -> dict:
     cfg = settings("cluster")
     cfg["revision"] = "skeleton"
     cfg["envs"] = []
@@ -274,16 +274,20 @@ def filter_sha(pins: dict) -> str:
     return pins["filter"]["digest"].split(":", 1)[1]
 
 
+def plugin_metadata(pins: dict) -> dict:
+    return {
+        "name": PLUGIN_NAME,
+        "namespace": DEMO_NS,
+        "labels": {**labels("envlane", pins["version"]), "app.kubernetes.io/managed-by": SYNC},
+        "annotations": {"envlane.io/module-sha256": pins["filter"]["moduleSha256"]},
+    }
+
+
 def wasm_plugin(pins: dict) -> dict:
     return {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
-        "metadata": {
-            "name": PLUGIN_NAME,
-            "namespace": DEMO_NS,
-            "labels": {**labels("envlane", pins["version"]), "app.kubernetes.io/managed-by": SYNC},
-            "annotations": {"envlane.io/module-sha256": pins["filter"]["moduleSha256"]},
-        },
+        "metadata": plugin_metadata(pins),
         "spec": {
             "url": filter_url(pins),
             "sha256": filter_sha(pins),
@@ -293,7 +297,7 @@ def wasm_plugin(pins: dict) -> dict:
             "priority": PRIORITY,
             "failStrategy": "FAIL_OPEN",
             "match": [{"mode": "CLIENT"}],
-            "pluginConfig": plugin_skeleton(pins),
+            "pluginConfig": plugin_skeleton(),
         },
     }
 
@@ -302,12 +306,7 @@ def traffic_extension(pins: dict) -> dict:
     return {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "TrafficExtension",
-        "metadata": {
-            "name": PLUGIN_NAME,
-            "namespace": DEMO_NS,
-            "labels": {**labels("envlane", pins["version"]), "app.kubernetes.io/managed-by": SYNC},
-            "annotations": {"envlane.io/module-sha256": pins["filter"]["moduleSha256"]},
-        },
+        "metadata": plugin_metadata(pins),
         "spec": {
             "phase": PHASE,
             "priority": PRIORITY,
@@ -318,7 +317,7 @@ def traffic_extension(pins: dict) -> dict:
                 "imagePullPolicy": "IfNotPresent",
                 "type": "HTTP",
                 "failStrategy": "FAIL_OPEN",
-                "pluginConfig": plugin_skeleton(pins),
+                "pluginConfig": plugin_skeleton(),
             },
         },
     }
