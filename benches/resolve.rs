@@ -12,10 +12,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use envlane::config::{EnvEntry, PluginConfig, ServiceEntry};
+use envlane::config::{self as cfg, EnvEntry, PluginConfig, ServiceEntry};
 use envlane::decide::{plan, resolve, Headers};
 use envlane::table::{Node, RoutingTable};
 
@@ -23,22 +24,40 @@ use envlane::table::{Node, RoutingTable};
 struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+/// Live heap bytes, and the most seen since the last `reset_peak`.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(bytes: usize) {
+    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn reset_peak() -> usize {
+    let now = LIVE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
 
 // SAFETY: forwards every call to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        grew(layout.size());
         // SAFETY: same contract as ours.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        grew(new_size);
         // SAFETY: same contract as ours.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -85,12 +104,59 @@ fn config(services: usize, envs: usize) -> PluginConfig {
     }
 }
 
-fn table(services: usize, envs: usize) -> Option<RoutingTable> {
-    let node = Node {
+/// Config sizes for the push figures: (label, services, envs per service).
+const CONFIG_SIZES: &[(&str, usize, usize)] =
+    &[("1k", 100, 10), ("10k", 1_000, 10), ("100k", 10_000, 10)];
+
+fn node() -> Node {
+    Node {
         namespace: Some("demo".into()),
         env_label: None,
-    };
-    match RoutingTable::compile(&config(services, envs), &node) {
+    }
+}
+
+/// What `on_configure` does with the plugin configuration bytes.
+fn load(json: &[u8]) -> Option<RoutingTable> {
+    let parsed = cfg::parse(json).ok()?;
+    RoutingTable::compile(&parsed, &node()).ok()
+}
+
+/// `CONFIG` lines: for the JSON an ECDS push carries, the parse and compile
+/// time and the heap they need (peak while loading, kept by the table).
+fn print_config_costs() {
+    for &(label, services, envs) in CONFIG_SIZES {
+        let Ok(json) = serde_json::to_vec(&config(services, envs)) else {
+            return;
+        };
+        let base = reset_peak();
+        let t0 = Instant::now();
+        let Ok(parsed) = cfg::parse(&json) else {
+            eprintln!("bench config does not parse");
+            return;
+        };
+        let t1 = Instant::now();
+        let parse_peak = PEAK.load(Ordering::Relaxed) - base;
+        let parsed_live = LIVE.load(Ordering::Relaxed) - base;
+        let Ok(table) = RoutingTable::compile(&parsed, &node()) else {
+            return;
+        };
+        let t2 = Instant::now();
+        let peak = PEAK.load(Ordering::Relaxed) - base;
+        drop(parsed);
+        let kept = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+        println!(
+            "CONFIG pairs={label} json_bytes={} parse_ms={:.2} compile_ms={:.2} parse_peak_bytes={parse_peak} \
+             parsed_config_bytes={parsed_live} peak_bytes={peak} table_bytes={kept}",
+            json.len(),
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+        );
+        drop(black_box(table));
+    }
+}
+
+fn table(services: usize, envs: usize) -> Option<RoutingTable> {
+    match RoutingTable::compile(&config(services, envs), &node()) {
         Ok(t) => Some(t),
         Err(e) => {
             eprintln!("bench table does not compile: {e}");
@@ -174,9 +240,22 @@ fn print_allocations() {
 fn driver(spec: &str) {
     let parts: Vec<&str> = spec.split(':').collect();
     let [what, pairs, depth, n] = parts.as_slice() else {
-        eprintln!("ENVLANE_DRIVER=resolve|plan:10|1k|100k:DEPTH:N");
+        eprintln!("ENVLANE_DRIVER=resolve|plan:10|1k|100k:DEPTH:N or config:1k|10k|100k:0:N");
         return;
     };
+    if *what == "config" {
+        let Some(&(_, services, envs)) = CONFIG_SIZES.iter().find(|s| s.0 == *pairs) else {
+            eprintln!("unknown size {pairs}");
+            return;
+        };
+        let Ok(json) = serde_json::to_vec(&config(services, envs)) else {
+            return;
+        };
+        for _ in 0..n.parse::<u64>().unwrap_or(0) {
+            black_box(load(black_box(&json)));
+        }
+        return;
+    }
     let Some(&(_, services, envs)) = SIZES.iter().find(|s| s.0 == *pairs) else {
         eprintln!("unknown size {pairs}");
         return;
@@ -216,6 +295,7 @@ fn benches(c: &mut Criterion) {
         std::process::exit(0);
     }
     print_allocations();
+    print_config_costs();
     let mut g = c.benchmark_group("resolve");
     g.throughput(Throughput::Elements(1));
     for &(label, services, envs) in SIZES {
@@ -266,5 +346,21 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(resolve_benches, benches);
+fn config_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("config");
+    g.sample_size(10);
+    for &(label, services, envs) in CONFIG_SIZES {
+        let Ok(json) = serde_json::to_vec(&config(services, envs)) else {
+            return;
+        };
+        g.bench_with_input(
+            BenchmarkId::new("parse+compile", format!("pairs={label}")),
+            &json,
+            |b, json| b.iter(|| load(black_box(json))),
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(resolve_benches, benches, config_benches);
 criterion_main!(resolve_benches);
