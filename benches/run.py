@@ -280,7 +280,8 @@ class Proxy:
     """One Envoy for one variant."""
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
-                 extra_clusters: list[str] = (), plugin_config: dict | None = None, name: str | None = None):
+                 extra_clusters: list[str] = (), plugin_config: dict | None = None, name: str | None = None,
+                 wasm: Path | None = None):
         self.variant = variant
         self.table = table
         self.expect_default = False  # routed by the plain default route (passthrough)
@@ -293,7 +294,7 @@ class Proxy:
             vhosts = vhosts_a(table)
         elif variant == "B":
             vhosts = vhosts_envlane(table)
-            write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config(), wasm=WASM_MODULE))
+            write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config(), wasm=wasm or WASM_MODULE))
             filters = [wasm_filter_ecds(self.ecds_path)]
         elif variant == "C":
             vhosts = vhosts_native(table)
@@ -528,6 +529,39 @@ def smoke(proxy: Proxy) -> None:
             raise RuntimeError(f"{proxy.variant} {host} {env}: HTTP {status} {body[:200]}")
 
 
+NOOP_MARK = "    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {\n"
+
+
+def build_noop_wasm(workdir: Path) -> tuple[Path | None, str]:
+    """A diagnostic build of the filter, out of tree (src/ is not touched):
+    the same module with `on_http_request_headers` returning at once. It
+    costs what any Wasm filter costs in Envoy (per-stream context, the VM
+    callbacks), none of envlane's work."""
+    tree = workdir / "noop-src"
+    tree.mkdir()
+    shutil.copytree(ROOT / "src", tree / "src")
+    (tree / "benches").mkdir()
+    shutil.copy(ROOT / "benches" / "resolve.rs", tree / "benches" / "resolve.rs")
+    shutil.copy(ROOT / "Cargo.lock", tree / "Cargo.lock")
+    manifest = re.sub(r"members\s*=\s*\[[^\]]*\]", 'members = ["."]', (ROOT / "Cargo.toml").read_text())
+    (tree / "Cargo.toml").write_text(manifest)
+    filt = (tree / "src" / "filter.rs").read_text()
+    if NOOP_MARK not in filt:
+        return None, "noop diagnostic skipped: on_http_request_headers not found in src/filter.rs"
+    filt = filt.replace(NOOP_MARK, "    #[allow(unreachable_code)]\n" + NOOP_MARK + "        return Action::Continue;\n", 1)
+    (tree / "src" / "filter.rs").write_text(filt)
+    env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "bench-noop"))
+    log("building the no-op diagnostic filter (out of tree, target/bench-noop)")
+    out = subprocess.run(["cargo", "build", "-j", "1", "--quiet", "--target", "wasm32-wasip1", "--profile", "wasm", "-p", "envlane"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    built = ROOT / "target" / "bench-noop" / "wasm32-wasip1" / "wasm" / "envlane.wasm"
+    if out.returncode != 0 or not built.exists():
+        return None, f"noop diagnostic skipped: build failed: {out.stderr.strip()[-300:]}"
+    dest = workdir / "envlane-noop.wasm"
+    shutil.copy(built, dest)
+    return dest, ""
+
+
 def merge(name: str, parts: list[Result]) -> Result:
     """Rounds of one run: totals for req/s and CPU, the mean of the rounds'
     percentiles (wrk reports percentiles per run only)."""
@@ -554,11 +588,11 @@ def measure(proxies: dict[str, tuple[Proxy, Path]], runs: list[tuple[str, str, i
     that drift in the machine's other load hits every variant alike."""
     rounds = max(1, args.rounds)
     slice_s = max(1, round(args.duration / rounds))
-    warm = max(1, round(args.warmup / rounds))
     parts: dict[str, list[Result]] = {name: [] for name, _, _ in runs}
     for k in range(rounds):
         for name, pname, conns in runs:
             proxy, script = proxies[pname]
+            warm = args.warmup if k == 0 else 0  # connections and V8 tiering are warm after round 1
             if h2:
                 host, env, _ = proxy.table.requests()[len(proxy.table.requests()) // 2]
                 r = run_h2load(proxy, host, env, slice_s, warm, f"{name}-{k}", workdir)
@@ -586,6 +620,7 @@ def per_request(args, workdir: Path, upstream: App, results: dict[str, Result]) 
         ("C", "C", main, None),
         ("D", "D", main, None),
         ("B", "B passthrough", main, passthrough),
+        ("B", "B no-op filter", main, None),
         ("B", "B 10 pairs", Table(1, 10), None),
         ("B", "B 100k pairs", Table(10 * args.services, 10), None),
         ("B", "B 100 envs", Table(args.services_100, 100), None),
@@ -593,13 +628,20 @@ def per_request(args, workdir: Path, upstream: App, results: dict[str, Result]) 
     ]
     if args.only:
         plan = [p for p in plan if p[1] in args.only or f"{p[1]} c=1" in args.only]
+    noop = None
+    if any(p[1] == "B no-op filter" for p in plan) and "noop" not in args.skip:
+        noop, why = build_noop_wasm(workdir)
+        if why:
+            log(why)
+    plan = [p for p in plan if p[1] != "B no-op filter" or noop]
     proxies: dict[str, tuple[Proxy, Path]] = {}
     try:
         # All Envoys up at once (idle ones cost nothing), so the runs can be interleaved.
         for variant, name, table, plugin_config in plan:
             log(f"{name}: {table.services} services x {table.envs} envs = {table.pairs} pairs; starting Envoy")
-            proxy = Proxy(variant, table, upstream.port, workdir, plugin_config=plugin_config, name=name)
-            proxy.expect_default = plugin_config is passthrough
+            proxy = Proxy(variant, table, upstream.port, workdir, plugin_config=plugin_config, name=name,
+                          wasm=noop if name == "B no-op filter" else None)
+            proxy.expect_default = plugin_config is passthrough or name == "B no-op filter"
             proxies[name] = (proxy, wrk_script(workdir / f"wrk-{variant}-{table.label}.lua", table.requests()))
             log(f"{name}: Envoy ready in {proxy.startup_s:.1f} s, RSS {rss_kib(proxy.pid) / 1024:.0f} MiB")
             smoke(proxy)
@@ -863,7 +905,7 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
     L.append(f"machine: nproc={m['nproc']} cpu={m['cpu']} mem={m['mem_gib']:.1f} GiB kernel={m['kernel']}")
     L.append(f"versions: {m['envoy']}; {m['rustc']}")
     L.append(f"load average before/after: {' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    L.append(f"settings: {args.duration:g} s measured after {args.warmup:g} s warm-up per run, in {args.rounds} interleaved rounds; wrk -t1 -c{CONNS} (HTTP/1.1), "
+    L.append(f"settings: {args.duration:g} s measured per run in {args.rounds} interleaved rounds of {max(1, round(args.duration / max(1, args.rounds)))} s (warm-up {args.warmup:g} s before round 1); wrk -t1 -c{CONNS} (HTTP/1.1), "
              f"h2load -t1 -c8 -m4 (h2c); Envoy --concurrency 1 on CPU {ENVOY_CPU}, load tool and upstream on CPU {LOAD_CPU}; total {elapsed:.0f} s")
     L.append("")
     L.append("## Per request (real Envoy, loopback)")
@@ -891,7 +933,7 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
 
     L.append("| comparison | throughput ratio | Δ Envoy CPU µs/req | Δ p99 µs (c=32) | Δ p99 µs (c=1) |")
     L.append("|---|---:|---:|---:|---:|")
-    for a, b in (("B", "A"), ("B", "C"), ("B", "D"), ("C", "A"), ("D", "A"), ("B passthrough", "A"), ("B", "B passthrough"), ("B 100 envs", "C 100 envs"), ("B 10 pairs", "A"), ("B 100k pairs", "A"), ("B h2", "A h2")):
+    for a, b in (("B", "A"), ("B", "C"), ("B", "D"), ("C", "A"), ("D", "A"), ("B passthrough", "A"), ("B", "B passthrough"), ("B no-op filter", "A"), ("B", "B no-op filter"), ("B 100 envs", "C 100 envs"), ("B 10 pairs", "A"), ("B 100k pairs", "A"), ("B h2", "A h2")):
         if a in results and b in results:
             L.append(f"| {a} / {b} | {ratio(a, b)} | {cpu_diff(a, b)} | {p99_diff(a, b)} | {p99_diff(a + ' c=1', b + ' c=1')} |")
     L.append("")
@@ -927,12 +969,12 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
     if crit.config:
         L.append("Loading a pushed table natively (`config::parse` + `RoutingTable::compile`, one VM's work; heap from the counting allocator):")
         L.append("")
-        L.append("| pairs | JSON bytes | parse ms | compile ms | peak heap MiB | of which the parsed serde_json tree | table kept MiB |")
+        L.append("| pairs | JSON bytes | parse ms | compile ms | peak heap MiB | peak while parsing MiB | table kept MiB |")
         L.append("|---:|---:|---:|---:|---:|---:|---:|")
         for line in crit.config:
             kv = dict(x.split("=") for x in line.split())
             L.append(f"| {kv['pairs']} | {int(kv['json_bytes']):,} | {float(kv['parse_ms']):.1f} | {float(kv['compile_ms']):.1f} | "
-                     f"{int(kv['peak_bytes']) / 2**20:.1f} | {int(kv['parse_peak_bytes']) / 2**20:.1f} (peak while parsing) | {int(kv['table_bytes']) / 2**20:.1f} |")
+                     f"{int(kv['peak_bytes']) / 2**20:.1f} | {int(kv['parse_peak_bytes']) / 2**20:.1f} | {int(kv['table_bytes']) / 2**20:.1f} |")
         L.append("")
     if crit.error:
         L.append(crit.error)
@@ -1025,8 +1067,8 @@ def main() -> int:
     ap.add_argument("--services", type=int, default=1000, help="services of the main table (x 10 envs; default 1000)")
     ap.add_argument("--services-100", type=int, default=1000, help="services of the 100-envs-per-service table (default 1000)")
     ap.add_argument("--only", nargs="*", help="only these per-request runs (e.g. A B 'C 100 envs')")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render"])
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per run (duration is split across them; default 2)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render", "noop"])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per run (duration is split across them; default 5)")
     ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
     ap.add_argument("--crit-warmup", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -1034,6 +1076,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.duration, args.warmup, args.crit_time, args.crit_warmup = 2.0, 1.0, 0.5, 0.2
+        args.rounds = min(args.rounds, 2)
     global WASM_MODULE
     WASM_MODULE = args.wasm.resolve()
     started = time.monotonic()
