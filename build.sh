@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # envlane build entry point.
-#   ./build.sh            build the Wasm filter -> dist/envlane.wasm (prints size, sha256)
-#   ./build.sh demo       build, then run the local multi-pod demo in real Envoy
-#   ./build.sh test       run every test (native, real-Envoy integration, manifests)
+#   ./build.sh            build everything: the Wasm filter (dist/envlane.wasm, prints size
+#                         and sha256), the OCI images of the filter and envlane-sync
+#                         (dist/oci/, dist/*.oci.tar) and the pinned manifests
+#                         (wasm-plugin-manifests/; commit them when they change)
+#   ./build.sh wasm       only the Wasm filter
+#   ./build.sh images     the filter, then the OCI images
+#   ./build.sh demo       build the filter, then run the local multi-pod demo in real Envoy
+#   ./build.sh test       run every test (lints, native, real-Envoy integration, manifests)
+#   ./build.sh bench      the benchmarks (figures go to BENCHMARKS.md by hand)
 #   ./build.sh setup      install what the above need (Rust target, Envoy, Python deps)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,7 +55,13 @@ envoy_bin() {
 build_wasm() {
   setup
   log "building the filter (wasm32-wasip1, profile wasm)"
-  cargo build --quiet --target wasm32-wasip1 --profile wasm -p envlane
+  # No path of this checkout or of the cargo home in the module: another
+  # clone builds the same bytes, so the pinned sha256 holds.
+  local here cargo_home
+  here="$(pwd -P)"
+  cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+  CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS="--remap-path-prefix=$here=/envlane --remap-path-prefix=$cargo_home=/cargo" \
+    cargo build --quiet --target wasm32-wasip1 --profile wasm -p envlane
   mkdir -p dist
   cp target/wasm32-wasip1/wasm/envlane.wasm dist/envlane.wasm
   local size sha
@@ -69,7 +81,21 @@ build_native() {
 
 case "${1:-build}" in
   setup) setup ;;
-  build) build_wasm ;;
+  wasm) build_wasm ;;
+  build)
+    build_wasm
+    scripts/images.sh
+    python3 scripts/gen_manifests.py
+    ;;
+  images)
+    build_wasm
+    scripts/images.sh
+    ;;
+  manifests)
+    build_wasm
+    scripts/images.sh
+    python3 scripts/gen_manifests.py "${@:2}"
+    ;;
   demo)
     build_wasm
     build_native
@@ -78,6 +104,7 @@ case "${1:-build}" in
   test)
     build_wasm
     build_native
+    scripts/images.sh
     log "formatting and lints (native and wasm32-wasip1)"
     cargo fmt --all -- --check
     cargo clippy --quiet --workspace --all-targets -- -D warnings
@@ -87,5 +114,10 @@ case "${1:-build}" in
     log "real-Envoy integration and manifest tests"
     ENVOY_BIN=$(envoy_bin) python3 -m pytest -q integration
     ;;
-  *) echo "usage: $0 [build|demo|test|setup]" >&2; exit 2 ;;
+  bench)
+    build_wasm
+    build_native
+    python3 benches/run.py "${@:2}"
+    ;;
+  *) echo "usage: $0 [build|wasm|images|manifests|demo|test|bench|setup]" >&2; exit 2 ;;
 esac

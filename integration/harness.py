@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -48,10 +49,39 @@ def envoy_bin() -> str:
     return str(Path(envoy.__file__).parent / "_bin" / "envoy")
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a process to bind later.
+
+    Taken from below the kernel's ephemeral range: a port the OS picks for
+    an outgoing connection or a port-0 bind (load tools make thousands) can
+    then never steal it between this check and the bind. A random start
+    keeps parallel runs apart; ports already handed out are skipped.
+    """
+    floor = _ephemeral_floor()
+    low, high = 10000, max(10001, floor - 1)
+    start = random.randrange(low, high)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def fqdn(service: str, namespace: str = NAMESPACE) -> str:
@@ -211,13 +241,19 @@ def sidecar_bootstrap(
     }
 
 
+ENVOYFILTER = ROOT / "wasm-plugin-manifests" / "base" / "envoyfilter.yaml"
+
+
 def envlane_route() -> dict:
-    """The route envlane's EnvoyFilter puts first in every outbound virtual host."""
-    return {
-        "name": "envlane",
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
-        "route": {"cluster_header": ROUTE_HEADER, "timeout": "5s"},
-    }
+    """The route envlane's shipped EnvoyFilter puts first in every outbound
+    virtual host, read from the manifest so the tests exercise the real one."""
+    import yaml  # PyYAML, installed by ./build.sh setup
+
+    doc = yaml.safe_load(ENVOYFILTER.read_text())
+    (patch,) = [p for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_ROUTE"]
+    route = patch["patch"]["value"]
+    assert route["route"]["cluster_header"] == ROUTE_HEADER
+    return route
 
 
 class Process:
