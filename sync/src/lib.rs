@@ -16,3 +16,4 @@ pub mod output;
 pub mod render;
 pub mod selector;
 pub mod server;
+pub mod synthetic;
