@@ -915,6 +915,11 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
     for name, r in results.items():
         L.append(fmt_row(name, r))
     L.append("")
+    L.append("req/s of each round (rounds are interleaved across the runs above; spread = other load on the machine):")
+    L.append("")
+    for name, r in results.items():
+        L.append(f"- {name}: {r.note}")
+    L.append("")
 
     def ratio(a: str, b: str) -> str:
         if a in results and b in results and results[b].rps:
@@ -931,11 +936,17 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
             return f"{results[a].p99 - results[b].p99:+.0f}"
         return "n/a"
 
-    L.append("| comparison | throughput ratio | Δ Envoy CPU µs/req | Δ p99 µs (c=32) | Δ p99 µs (c=1) |")
-    L.append("|---|---:|---:|---:|---:|")
+    def round_ratio(a: str, b: str) -> str:
+        ra = results[a].raw.get("rounds", []) if a in results else []
+        rb = results[b].raw.get("rounds", []) if b in results else []
+        qs = sorted(x["rps"] / y["rps"] for x, y in zip(ra, rb) if y["rps"])
+        return f"{qs[len(qs) // 2]:.3f} ({qs[0]:.2f}–{qs[-1]:.2f})" if qs else "n/a"
+
+    L.append("| comparison | throughput ratio (totals) | median of per-round ratios (min–max) | Δ Envoy CPU µs/req | Δ p99 µs (c=32) | Δ p99 µs (c=1) |")
+    L.append("|---|---:|---:|---:|---:|---:|")
     for a, b in (("B", "A"), ("B", "C"), ("B", "D"), ("C", "A"), ("D", "A"), ("B passthrough", "A"), ("B", "B passthrough"), ("B no-op filter", "A"), ("B", "B no-op filter"), ("B 100 envs", "C 100 envs"), ("B 10 pairs", "A"), ("B 100k pairs", "A"), ("B h2", "A h2")):
         if a in results and b in results:
-            L.append(f"| {a} / {b} | {ratio(a, b)} | {cpu_diff(a, b)} | {p99_diff(a, b)} | {p99_diff(a + ' c=1', b + ' c=1')} |")
+            L.append(f"| {a} / {b} | {ratio(a, b)} | {round_ratio(a, b)} | {cpu_diff(a, b)} | {p99_diff(a, b)} | {p99_diff(a + ' c=1', b + ' c=1')} |")
     L.append("")
     if reloads:
         L.append("## Per config change (B, one Envoy, pushes in growing order)")
