@@ -26,8 +26,15 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
         }
         return Ok(out);
     }
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    // The input is the user's own file, possibly a whole cluster: no size
+    // budget. Spellings YAML 1.2 would read as numbers but `kubectl`-style
+    // emitters leave plain (`0755`, `1_000`) stay strings.
+    let mut options = serde_saphyr::Options::default();
+    options.budget = None;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| format!("invalid YAML: {e}"))?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
@@ -64,7 +71,24 @@ pub fn read_snapshot(text: &str) -> Result<Snapshot, String> {
     Ok(snap)
 }
 
-fn from_value<T: serde::de::DeserializeOwned>(v: Value, kind: &str) -> Result<T, String> {
+/// Label values and selectors are strings; a YAML scalar that was read as a
+/// number or boolean (an unquoted `true`, `8080`) becomes its text again.
+fn stringify_map(map: Option<&mut Value>) {
+    if let Some(Value::Object(map)) = map {
+        for v in map.values_mut() {
+            match v {
+                Value::Number(n) => *v = Value::String(n.to_string()),
+                Value::Bool(b) => *v = Value::String(b.to_string()),
+                Value::Null => *v = Value::String(String::new()),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(mut v: Value, kind: &str) -> Result<T, String> {
+    stringify_map(v.pointer_mut("/metadata/labels"));
+    stringify_map(v.pointer_mut("/spec/selector"));
     let name = v
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -111,6 +135,26 @@ mod tests {
         assert!(e.contains("envHeadr"), "{e}");
         let e = parse_settings(r#"{"envs":[{"name":"dev"}]}"#).unwrap_err();
         assert!(e.contains("envs"), "{e}");
+    }
+
+    #[test]
+    fn large_inputs_and_unquoted_label_values() {
+        // More documents than serde-saphyr's default budget allows.
+        let big = "---\nkind: Other\n".repeat(1100);
+        assert!(read_snapshot(&big).unwrap().pods.is_empty());
+        let yaml = "\
+kind: Pod
+metadata:
+  name: p
+  namespace: demo
+  labels: {version: 2, canary: true, mode: 0755, size: 1_000}
+";
+        let snap = read_snapshot(yaml).unwrap();
+        let labels = &snap.pods[0].labels;
+        assert_eq!(labels["version"], "2");
+        assert_eq!(labels["canary"], "true");
+        assert_eq!(labels["mode"], "0755");
+        assert_eq!(labels["size"], "1_000");
     }
 
     #[test]
