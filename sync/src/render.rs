@@ -218,24 +218,31 @@ pub fn render<'a>(
     invalid_labels.sort();
     invalid_labels.dedup();
 
+    let usable: Vec<&Service> = services
+        .into_iter()
+        .filter(|svc| {
+            opted.contains(svc.namespace.as_str())
+                && !svc.is_managed()
+                && !svc.external_name
+                && !svc.selector.is_empty()
+                && !svc.ports.is_empty()
+        })
+        .collect();
+    // Only label keys some selector uses are indexed.
+    let selector_keys: HashSet<&str> = usable
+        .iter()
+        .flat_map(|svc| svc.selector.keys().map(String::as_str))
+        .collect();
     // Each namespace's pods indexed by label pair, built when a service needs it.
     let mut indexes: HashMap<&str, HashMap<(&str, &str), Vec<u32>>> = HashMap::new();
     let mut with_envs: Vec<(&Service, BTreeSet<&str>)> = Vec::new();
-    for svc in services {
-        let usable = opted.contains(svc.namespace.as_str())
-            && !svc.is_managed()
-            && !svc.external_name
-            && !svc.selector.is_empty()
-            && !svc.ports.is_empty();
-        if !usable {
-            continue;
-        }
+    for svc in usable {
         let Some(pods) = by_namespace.get(svc.namespace.as_str()) else {
             continue;
         };
         let index = indexes
             .entry(svc.namespace.as_str())
-            .or_insert_with(|| index_pods(pods));
+            .or_insert_with(|| index_pods(pods, &selector_keys));
         let envs = matching_envs(svc, pods, index);
         if !envs.is_empty() {
             with_envs.push((svc, envs));
@@ -323,8 +330,12 @@ pub fn render<'a>(
     let mut objects = Vec::new();
     let plugin_config = serde_json::to_value(&table)
         .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?;
+    let table_hash = format!(
+        "{:016x}",
+        fnv1a64(&serde_json::to_vec(&table).unwrap_or_default())
+    );
     for ns in &opted {
-        objects.push(wasm_plugin(ns, &plugin_config, opts));
+        objects.push(wasm_plugin(ns, &plugin_config, &table_hash, opts));
     }
     for (svc, envs) in &with_envs {
         let pairs: Vec<(&str, &str)> = envs
@@ -351,11 +362,16 @@ pub fn render<'a>(
     })
 }
 
-fn index_pods<'a>(pods: &[Candidate<'a>]) -> HashMap<(&'a str, &'a str), Vec<u32>> {
+fn index_pods<'a>(
+    pods: &[Candidate<'a>],
+    keys: &HashSet<&str>,
+) -> HashMap<(&'a str, &'a str), Vec<u32>> {
     let mut index: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
     for (i, pod) in (0u32..).zip(pods) {
         for (k, v) in pod.labels {
-            index.entry((k.as_str(), v.as_str())).or_default().push(i);
+            if keys.contains(k.as_str()) {
+                index.entry((k.as_str(), v.as_str())).or_default().push(i);
+            }
         }
     }
     index
@@ -538,7 +554,14 @@ fn object(
     }
 }
 
-fn wasm_plugin(namespace: &str, plugin_config: &Value, opts: &RenderOptions) -> DesiredObject {
+/// The content hash covers the table through `table_hash` (the hash of its
+/// JSON), so the large table is serialized once, not once per namespace.
+fn wasm_plugin(
+    namespace: &str,
+    plugin_config: &Value,
+    table_hash: &str,
+    opts: &RenderOptions,
+) -> DesiredObject {
     let mut spec = json!({
         "url": opts.wasm_url,
         "phase": WASM_PHASE,
@@ -546,18 +569,22 @@ fn wasm_plugin(namespace: &str, plugin_config: &Value, opts: &RenderOptions) -> 
         "type": "HTTP",
         "failStrategy": "FAIL_OPEN",
         "match": [{"mode": "CLIENT"}],
-        "pluginConfig": plugin_config,
+        "pluginConfig": table_hash,
     });
     if let (Some(sha), Some(map)) = (&opts.wasm_sha256, spec.as_object_mut()) {
         map.insert("sha256".into(), sha.clone().into());
     }
-    object(
+    let mut obj = object(
         Kind::WasmPlugin,
         namespace,
         &opts.wasm_plugin_name,
         Map::new(),
         spec,
-    )
+    );
+    if let Some(slot) = obj.body.pointer_mut("/spec/pluginConfig") {
+        *slot = plugin_config.clone();
+    }
+    obj
 }
 
 fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions) -> DesiredObject {
