@@ -220,11 +220,19 @@ impl SubsetName {
     /// is appended, so `dev.proj1` and `dev_proj1` get different subsets.
     /// The hash suffix is 10 hex digits (40 bits) of FNV-1a.
     pub fn for_env(env: &EnvName) -> Self {
-        if let Ok(same) = Self::try_new(env.as_str()) {
-            return same;
+        match Self::try_new(env.as_str()) {
+            Ok(same) => same,
+            Err(_) => Self::hashed(env.as_str(), 10),
         }
+    }
+
+    /// `env` lower-cased, with every other character as `-`, cut to fit, then
+    /// `-` and `hex_digits` (1 to 16) hex digits of the FNV-1a hash of `env`.
+    /// Always a valid subset name. `envlane-sync` uses a longer hash when
+    /// two envs still share a name.
+    pub fn hashed(env: &str, hex_digits: usize) -> Self {
+        let digits = hex_digits.clamp(1, 16);
         let mut base: String = env
-            .as_str()
             .chars()
             .map(|c| match c {
                 'A'..='Z' => c.to_ascii_lowercase(),
@@ -232,13 +240,14 @@ impl SubsetName {
                 _ => '-',
             })
             .collect();
-        base.truncate(51);
+        base.truncate(62 - digits);
         let base = base.trim_matches('-');
-        let hash = fnv1a64(env.as_str().as_bytes()) & 0xff_ffff_ffff;
+        let hash = format!("{:016x}", fnv1a64(env.as_bytes()));
+        let hash = hash.get(16 - digits..).unwrap_or(&hash);
         let name = if base.is_empty() {
-            format!("env-{hash:010x}")
+            format!("env-{hash}")
         } else {
-            format!("{base}-{hash:010x}")
+            format!("{base}-{hash}")
         };
         Self(name.into())
     }

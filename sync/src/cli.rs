@@ -72,7 +72,10 @@ pub struct CommonArgs {
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
     pub wasm_url: String,
 
-    /// WasmPlugin `sha256` of the module (64 lower-case hex digits); unset by default.
+    /// WasmPlugin `sha256` (64 lower-case hex digits); unset by default.
+    /// For an `oci://` URL Istio checks it against the image's manifest
+    /// digest (what `./build.sh images` prints), not the module's own
+    /// sha256; for an `http(s)://` URL it is the module's sha256.
     #[arg(long, value_name = "HEX")]
     pub wasm_sha256: Option<String>,
 

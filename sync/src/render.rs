@@ -490,22 +490,7 @@ pub fn resolve_collisions(envs: &[&str], mut subsets: Vec<String>) -> Vec<String
 }
 
 fn long_subset(env: &str) -> String {
-    let mut base: String = env
-        .chars()
-        .map(|c| match c {
-            'A'..='Z' => c.to_ascii_lowercase(),
-            'a'..='z' | '0'..='9' => c,
-            _ => '-',
-        })
-        .collect();
-    base.truncate(46);
-    let base = base.trim_matches('-');
-    let hash = fnv1a64(env.as_bytes());
-    if base.is_empty() {
-        format!("env-{hash:016x}")
-    } else {
-        format!("{base}-{hash:016x}")
-    }
+    SubsetName::hashed(env, 16).as_str().to_string()
 }
 
 /// A short stable hash of the table (12 hex digits of FNV-1a over its JSON).
