@@ -281,7 +281,7 @@ class Proxy:
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
                  extra_clusters: list[str] = (), plugin_config: dict | None = None, name: str | None = None,
-                 wasm: Path | None = None):
+                 wasm: Path | None = None, quiet_stats: bool = False):
         self.variant = variant
         self.table = table
         self.expect_default = False  # routed by the plain default route (passthrough)
@@ -311,6 +311,11 @@ class Proxy:
         # Routes to the subsets of services no request uses name clusters this
         # Envoy does not have (to keep 10,000s of clusters out of the picture).
         hcm["route_config"]["validate_clusters"] = False
+        if quiet_stats:
+            # No periodic stats flush (it walks every cluster's stats): under
+            # callgrind a request takes milliseconds and the flush would be
+            # counted against the variants that are slower there.
+            boot["stats_flush_on_admin"] = True
         started = time.monotonic()
         with on_cpu(ENVOY_CPU):
             self.envoy = Envoy(f"envoy-{self.name}", boot, workdir, concurrency=1)
@@ -678,6 +683,94 @@ def per_request_h2(args, workdir: Path, results: dict[str, Result]) -> None:
         upstream.close()
 
 
+def envoy_instructions(args, workdir: Path, upstream: App) -> list[tuple[str, float]]:
+    """Instructions Envoy executes per request (all its threads), counted by
+    callgrind: immune to the other load on the machine, unlike req/s. Each
+    variant's Envoy runs under `valgrind --tool=callgrind`; after 300 warm-up
+    requests the counters are zeroed, then N sequential requests (the same
+    mix as the wrk runs, one keep-alive connection) are counted."""
+    if not shutil.which("valgrind"):
+        return []
+    n = args.instructions_requests
+    main = Table(args.services, 10)
+    wrapper = workdir / "envoy-callgrind.sh"
+    real = harness.envoy_bin()
+    wrapper.write_text("#!/bin/sh\nexec valgrind --tool=callgrind --smc-check=all-non-file --dump-instr=no "
+                       f"--callgrind-out-file={workdir}/callgrind.envoy.%p {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    passthrough = main.config("passthrough")
+    for svc in passthrough["services"]:
+        svc["host"] = "not-" + svc["host"]
+    noop = None
+    variants: list[tuple[str, str, Table, dict | None]] = [("A", "A", main, None), ("B", "B", main, None), ("C", "C", main, None),
+                                                          ("D", "D", main, None), ("B", "B passthrough", main, passthrough)]
+    if "noop" not in args.skip:
+        noop = workdir / "envlane-noop.wasm"
+        if not noop.exists():
+            noop, _ = build_noop_wasm(workdir)
+        if noop:
+            variants.append(("B", "B no-op filter", main, None))
+    # 100 envs per service on 100 services (10,000 routes for C): per request
+    # C scans the routes of one virtual host, so the number of services does
+    # not matter, and Envoy loads 100,000 routes too slowly under callgrind.
+    small = Table(min(args.services_100, 100), 100)
+    variants.append(("C", "C 100 envs", small, None))
+    variants.append(("B", "B 100 envs", small, None))
+    out = []
+    old = os.environ.get("ENVOY_BIN")
+    os.environ["ENVOY_BIN"] = str(wrapper)
+    try:
+        for variant, name, table, plugin_config in variants:
+            if args.only and name not in args.only:
+                continue
+            log(f"instructions: {name} (Envoy under callgrind)")
+            proxy = Proxy(variant, table, upstream.port, workdir, plugin_config=plugin_config, name=f"cg {name}",
+                          wasm=noop if name == "B no-op filter" else None, quiet_stats=True)
+            try:
+                reqs = table.requests()
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
+
+                def go(k: int) -> None:
+                    for i in range(k):
+                        host, env, _ = reqs[i % len(reqs)]
+                        conn.request("GET", "/", headers={"host": host, "x-virtual-env": env})
+                        resp = conn.getresponse()
+                        resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"{name}: HTTP {resp.status}")
+
+                def counted(action) -> tuple[int, float]:
+                    """Instructions and wall seconds of `action`, from zeroed counters."""
+                    subprocess.run(["callgrind_control", "-z", str(proxy.pid)], capture_output=True, timeout=300, check=True)
+                    t0 = time.monotonic()
+                    action()
+                    secs = time.monotonic() - t0
+                    before = set(workdir.glob(f"callgrind.envoy.{proxy.pid}.*"))
+                    subprocess.run(["callgrind_control", "-d", str(proxy.pid)], capture_output=True, timeout=300, check=True)
+                    new = sorted(set(workdir.glob(f"callgrind.envoy.{proxy.pid}.*")) - before, key=lambda f: int(f.name.rsplit(".", 1)[1]))
+                    m = re.search(r"^(?:summary|totals): (\d+)", new[-1].read_text(errors="replace"), re.M) if new else None
+                    return (int(m.group(1)) if m else 0), secs
+
+                go(300)
+                busy, busy_s = counted(lambda: go(n))
+                # What Envoy does by itself per second (timers), subtracted.
+                idle, idle_s = counted(lambda: time.sleep(3))
+                conn.close()
+                if busy:
+                    per = (busy - idle / idle_s * busy_s) / n
+                    out.append((name, per))
+                    log(f"instructions: {name}: {per:,.0f} per request ({busy / n:,.0f} before subtracting "
+                        f"{idle / idle_s:,.0f}/s idle over {busy_s:.1f} s)")
+            finally:
+                proxy.close()
+    finally:
+        if old is None:
+            os.environ.pop("ENVOY_BIN", None)
+        else:
+            os.environ["ENVOY_BIN"] = old
+    return out
+
+
 @dataclass
 class Reload:
     pairs: int
@@ -899,7 +992,7 @@ def fmt_row(name: str, r: Result) -> str:
             f"{r.cpu_us_per_req:.1f} | {r.rss_mib:.0f} | {r.errors} | {ok} |")
 
 
-def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], crit: Native,
+def report(args, m: dict, results: dict[str, Result], instructions: list[tuple[str, float]], reloads: list[Reload], crit: Native,
            render: dict | None, render_note: str, load_before: tuple, elapsed: float) -> str:
     L = []
     L.append(f"machine: nproc={m['nproc']} cpu={m['cpu']} mem={m['mem_gib']:.1f} GiB kernel={m['kernel']}")
@@ -948,6 +1041,16 @@ def report(args, m: dict, results: dict[str, Result], reloads: list[Reload], cri
         if a in results and b in results:
             L.append(f"| {a} / {b} | {ratio(a, b)} | {round_ratio(a, b)} | {cpu_diff(a, b)} | {p99_diff(a, b)} | {p99_diff(a + ' c=1', b + ' c=1')} |")
     L.append("")
+    if instructions:
+        base = dict(instructions).get("A")
+        L.append(f"## Envoy instructions per request (callgrind, all Envoy threads, {args.instructions_requests} sequential requests after 300 warm-up, "
+                 "no periodic stats flush, idle rate subtracted; 100 envs: 100 services x 100 envs)")
+        L.append("")
+        L.append("| run | instructions/request | vs A |")
+        L.append("|---|---:|---:|")
+        for name, x in instructions:
+            L.append(f"| {name} | {x:,.0f} | {'' if not base else f'{x - base:+,.0f} ({x / base:.2f}x)'} |")
+        L.append("")
     if reloads:
         L.append("## Per config change (B, one Envoy, pushes in growing order)")
         L.append("")
@@ -1079,6 +1182,9 @@ def main() -> int:
     ap.add_argument("--services-100", type=int, default=1000, help="services of the 100-envs-per-service table (default 1000)")
     ap.add_argument("--only", nargs="*", help="only these per-request runs (e.g. A B 'C 100 envs')")
     ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render", "noop"])
+    ap.add_argument("--envoy-instructions", action="store_true",
+                    help="also count Envoy's instructions per request under callgrind for A/B/C/D (about 8 extra minutes)")
+    ap.add_argument("--instructions-requests", type=int, default=1000, help="requests counted per variant under callgrind")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per run (duration is split across them; default 5)")
     ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
     ap.add_argument("--crit-warmup", type=float, default=1.0)
@@ -1096,6 +1202,7 @@ def main() -> int:
     check_built()
     m = machine()
     results: dict[str, Result] = {}
+    instructions: list[tuple[str, float]] = []
     reloads: list[Reload] = []
     crit = Native()
     render, render_note = None, "(skipped)"
@@ -1105,6 +1212,12 @@ def main() -> int:
             upstream = start_upstream(workdir, "upstream", "x-bench-none")
             try:
                 per_request(args, workdir, upstream, results)
+            finally:
+                upstream.close()
+        if args.envoy_instructions:
+            upstream = start_upstream(workdir, "upstream-cg", "x-bench-none")
+            try:
+                instructions = envoy_instructions(args, workdir, upstream)
             finally:
                 upstream.close()
         if "h2" not in args.skip:
@@ -1117,11 +1230,11 @@ def main() -> int:
             render, render_note = sync_render(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = report(args, m, results, reloads, crit, render, render_note, load_before, time.monotonic() - started)
+    text = report(args, m, results, instructions, reloads, crit, render, render_note, load_before, time.monotonic() - started)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": m, "results": {k: vars(v) for k, v in results.items()}, "reloads": [vars(r) for r in reloads],
+            "machine": m, "results": {k: vars(v) for k, v in results.items()}, "instructions": instructions, "reloads": [vars(r) for r in reloads],
             "criterion": vars(crit), "render": render, "render_note": render_note,
         }, indent=1, default=str))
     return 0
