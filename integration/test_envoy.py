@@ -175,3 +175,22 @@ def test_no_processes_left_behind():
     assert all(p.poll() is not None for p in procs)
     assert not mesh.workdir.exists()
 
+
+
+def test_cookie_alias_and_auto_inject_carry_the_env_on(fresh_alibaba):
+    """An OAuth callback can't carry a custom header: the env comes from a
+    cookie. The apps don't forward cookies, so the next hops get the env
+    from the first pod's own label, injected by its sidecar."""
+    mesh = fresh_alibaba
+    config = load_config("alibaba")
+    config["envAliases"] = [{"header": "x-lane"}, {"cookie": "VirtualEnv"}]
+    push_and_wait(mesh, config)
+    assert answer(mesh, None, cookie="theme=dark; VirtualEnv=dev.proj1") == (
+        "[springboot @ dev.proj1] <-dev.proj1, [go @ dev] <-dev.proj1, [node @ dev.proj1] <-empty"
+    )
+    assert answer(mesh, None, **{"x-lane": "dev.proj2"}) == (
+        "[springboot @ dev] <-dev, [go @ dev] <-dev, [node @ dev] <-empty"
+    )
+    status, headers, _ = mesh.call("node:8080", {"cookie": "VirtualEnv=dev.proj1.feature1", "x-envlane-debug": "1"})
+    assert status == 200
+    assert headers["x-envlane-decision"].startswith("env=dev.proj1.feature1; source=alias;")
