@@ -136,19 +136,29 @@ def cluster(i: int, subset: str = "") -> str:
 # ------------------------------------------------------------ Envoy configs
 
 
-def cluster_set(table: Table, upstream: int, h2: bool, extra: list[str] = ()) -> list[dict]:
+def cluster_set(table: Table, upstream: int, h2: bool, extra: dict[str, int] | None = None) -> list[dict]:
     """The same clusters for every variant: hot services × every env subset,
-    plus the subset-less one; all point at the one upstream."""
+    plus the subset-less one; all point at the one upstream. `extra`: more
+    clusters, name → port."""
     names = []
     for i in table.hot():
         names.append(cluster(i))
         names += [cluster(i, subset_of(e)) for e in table.env_names()]
-    names += list(extra)
-    return [static_cluster(n, upstream, h2) for n in names]
+    return [static_cluster(n, upstream, h2) for n in names] + [static_cluster(n, port, h2) for n, port in (extra or {}).items()]
+
+
+def istio_route(target: str) -> dict:
+    """A plain route as Istio writes it: same timeout and default retry policy
+    as envlane's shipped route, so A, B, C and D differ only in routing."""
+    shipped = envlane_route()["route"]
+    route = {"cluster": target, "timeout": shipped.get("timeout", "0s")}
+    if "retry_policy" in shipped:
+        route["retry_policy"] = shipped["retry_policy"]
+    return route
 
 
 def default_route(i: int) -> dict:
-    return {"match": {"prefix": "/"}, "route": {"cluster": cluster(i, "dev"), "timeout": "5s"}}
+    return {"match": {"prefix": "/"}, "route": istio_route(cluster(i, "dev"))}
 
 
 def vhosts_a(table: Table) -> list[dict]:
@@ -179,7 +189,7 @@ def vhosts_native(table: Table) -> list[dict]:
         for env in table.env_names()[1:]:
             routes.append({
                 "match": {"prefix": "/", "headers": [{"name": "x-virtual-env", "string_match": {"exact": env + USER_SUFFIX}}]},
-                "route": {"cluster": cluster(i, subset_of(env)), "timeout": "5s"},
+                "route": istio_route(cluster(i, subset_of(env))),
             })
         routes.append(default_route(i))
         vh.append({"name": f"{svc_name(i)}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": routes})
@@ -280,7 +290,7 @@ class Proxy:
     """One Envoy for one variant."""
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
-                 extra_clusters: list[str] = (), plugin_config: dict | None = None, name: str | None = None,
+                 extra_clusters: dict[str, int] | None = None, plugin_config: dict | None = None, name: str | None = None,
                  wasm: Path | None = None, quiet_stats: bool = False):
         self.variant = variant
         self.table = table
@@ -790,11 +800,16 @@ def config_changes(args, workdir: Path) -> list[Reload]:
     sizes = [Table(100, 10), Table(1000, 10), Table(10000, 10)]
     pushes = len(sizes)
     probe_clusters = [cluster(0, f"push{k}") for k in range(pushes + 1)]
-    app = start_upstream(workdir, "upstream-probe", ROUTE_HEADER)
+    # One upstream per push (envlane's route strips x-envlane-cluster before
+    # the upstream, so the answer `[upstream @ pushK]` tells where it went).
+    apps = []
     small = Table(1, 10)
     out = []
     try:
-        proxy = Proxy("B", small, app.port, workdir, extra_clusters=probe_clusters,
+        with on_cpu(LOAD_CPU):
+            for k in range(pushes + 1):
+                apps.append(App(f"upstream-push{k}", "upstream", f"push{k}", workdir, show="x-bench-none"))
+        proxy = Proxy("B", small, apps[0].port, workdir, extra_clusters={c: a.port for c, a in zip(probe_clusters, apps)},
                       plugin_config=small.config("push0", {"dev.team0": "push0"}))
         try:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
@@ -806,7 +821,7 @@ def config_changes(args, workdir: Path) -> list[Reload]:
                 return resp.read().decode()
 
             first = routed_to()
-            if probe_clusters[0] not in first:
+            if "@ push0]" not in first:
                 raise RuntimeError(f"probe before any push went elsewhere: {first}")
             for k, table in enumerate(sizes, start=1):
                 text = ecds_resource(table.config(f"push{k}", {"dev.team0": f"push{k}"}), wasm=WASM_MODULE)
@@ -816,7 +831,7 @@ def config_changes(args, workdir: Path) -> list[Reload]:
                 wall0 = time.time()
                 write_atomically(proxy.ecds_path, text)
                 deadline = t0 + 60
-                while probe_clusters[k] not in routed_to():
+                while f"@ push{k}]" not in routed_to():
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"push of {table.pairs} pairs not live after 60 s")
                 live = (time.monotonic() - t0) * 1000
@@ -836,7 +851,8 @@ def config_changes(args, workdir: Path) -> list[Reload]:
         finally:
             proxy.close()
     finally:
-        app.close()
+        for a in apps:
+            a.close()
     return out
 
 
