@@ -9,12 +9,24 @@ use crate::names::{check_env, Chain};
 use crate::sources::{baggage_value, cookie_value};
 use crate::table::{split_authority, AliasSource, RoutingTable, ServiceRef};
 
-/// Read access to the request headers (names lower-case).
+/// Read access to the request headers (names lower-case), borrowed: the
+/// decision copies nothing it does not keep.
 pub trait Headers {
-    /// The first value of `name`.
-    fn get(&self, name: &str) -> Option<String>;
-    /// Every value of `name`, in order (for `baggage` and `cookie`).
-    fn get_all(&self, name: &str) -> Vec<String>;
+    /// Every value of `name`, in order, as the bytes the client sent.
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's;
+}
+
+/// The first value of `name` as text. Bytes that are not UTF-8 become U+FFFD,
+/// which no env name or host accepts, so such a value counts as invalid.
+fn first<'h>(headers: &'h impl Headers, name: &'h str) -> Option<Cow<'h, str>> {
+    headers.values(name).next().map(String::from_utf8_lossy)
+}
+
+/// Every value of `name` that is text (for `baggage` and `cookie`).
+fn texts<'h>(headers: &'h impl Headers, name: &'h str) -> impl Iterator<Item = &'h str> + 'h {
+    headers
+        .values(name)
+        .filter_map(|v| std::str::from_utf8(v).ok())
 }
 
 /// Where the env came from.
@@ -155,43 +167,39 @@ pub struct FoundEnv<'a> {
 
 /// Looks for the env: header, baggage, aliases, then the pod's own label.
 /// The first valid value wins; invalid values are noted and skipped.
-pub fn find_env<'t>(table: &'t RoutingTable, headers: &impl Headers) -> FoundEnv<'t> {
+pub fn find_env<'a>(table: &'a RoutingTable, headers: &'a impl Headers) -> FoundEnv<'a> {
     let s = &table.settings;
     let mut found = FoundEnv {
         env: None,
         invalid: None,
         env_header_present: false,
     };
-    let consider = |found: &mut FoundEnv<'t>, value: String, source: Source| -> bool {
+    let consider = |found: &mut FoundEnv<'a>, value: Cow<'a, str>, source: Source| -> bool {
         if check_env(&value, s.splitter).is_ok() {
-            found.env = Some((Cow::Owned(value), source));
+            found.env = Some((value, source));
             true
         } else {
-            found.invalid.get_or_insert(value);
+            found.invalid.get_or_insert_with(|| value.into_owned());
             false
         }
     };
-    if let Some(v) = headers.get(&s.env_header) {
+    if let Some(v) = first(headers, &s.env_header) {
         found.env_header_present = true;
         if consider(&mut found, v, Source::Header) {
             return found;
         }
     }
     if let Some(key) = &s.baggage_key {
-        let values = headers.get_all("baggage");
-        if let Some(v) = baggage_value(values.iter().map(String::as_str), key) {
-            if consider(&mut found, v.into_owned(), Source::Baggage) {
+        if let Some(v) = baggage_value(texts(headers, "baggage"), key) {
+            if consider(&mut found, v, Source::Baggage) {
                 return found;
             }
         }
     }
     for alias in s.aliases.iter() {
         let value = match alias {
-            AliasSource::Header(h) => headers.get(h),
-            AliasSource::Cookie(c) => {
-                let values = headers.get_all("cookie");
-                cookie_value(values.iter().map(String::as_str), c).map(str::to_string)
-            }
+            AliasSource::Header(h) => first(headers, h),
+            AliasSource::Cookie(c) => cookie_value(texts(headers, "cookie"), c).map(Cow::Borrowed),
         };
         if let Some(v) = value {
             if consider(&mut found, v, Source::Alias) {
@@ -210,7 +218,7 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
     let s = &table.settings;
     let found = find_env(table, headers);
     let env = found.env.as_ref().map(|(e, _)| e.as_ref());
-    let authority = headers.get(":authority");
+    let authority = first(headers, ":authority");
     let service = authority.as_deref().and_then(|a| table.service(a));
     let resolution = match &service {
         Some(svc) => resolve(table, env, svc),
@@ -245,12 +253,13 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         _ => None,
     };
     let explanation = headers
-        .get(&s.debug_header)
+        .values(&s.debug_header)
+        .next()
         .map(|_| explain(table, &found, service.as_ref(), &resolution));
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),
-        strip_route_header: headers.get(&s.route_header).is_some(),
+        strip_route_header: headers.values(&s.route_header).next().is_some(),
         route_to_cluster,
         rewrite_authority,
         inject_env,

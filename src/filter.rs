@@ -1,22 +1,48 @@
 //! The proxy-wasm glue: the only module that talks to the host. It reads
 //! inputs for the pure core ([`crate::decide::plan`]) and applies its plan.
 
+use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::{self, DECISION_HEADER};
-use crate::decide::{plan, Headers, Outcome};
+use crate::decide::{plan, Outcome};
 use crate::table::{Node, RoutingTable};
+use crate::wire::HeaderMap;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| Box::<EnvlaneRoot>::default());
 }}
 
-/// Counter ids, one per outcome plus one for refused env values.
+/// Decision counts, kept in the VM and added to Envoy's counters once per
+/// tick: one host call per counter per second instead of one per request.
+#[derive(Debug, Default)]
+struct Tally {
+    outcomes: [Cell<u64>; 4],
+    invalid: Cell<u64>,
+}
+
+impl Tally {
+    fn count(&self, outcome: Outcome, invalid: bool) {
+        if let Some(c) = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .and_then(|i| self.outcomes.get(i))
+        {
+            c.set(c.get().wrapping_add(1));
+        }
+        if invalid {
+            self.invalid.set(self.invalid.get().wrapping_add(1));
+        }
+    }
+}
+
+/// Envoy's counter ids, one per outcome plus one for refused env values.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
     outcomes: [Option<u32>; 4],
@@ -34,25 +60,34 @@ impl Counters {
         c
     }
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+    /// Adds what `tally` counted since the last flush to Envoy's counters.
+    fn flush(&self, tally: &Tally) {
+        let pairs = self.outcomes.iter().zip(tally.outcomes.iter());
+        for (id, count) in pairs.chain([(&self.invalid, &tally.invalid)]) {
+            let n = count.take();
+            if let (Some(id), true) = (id, n > 0) {
+                let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
     }
-
-    fn outcome(&self, outcome: Outcome) {
-        let at = Outcome::ALL.iter().position(|o| *o == outcome);
-        Self::bump(at.and_then(|i| self.outcomes.get(i).copied().flatten()));
-    }
 }
+
+/// How often counts reach Envoy's stats.
+const FLUSH_PERIOD: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct EnvlaneRoot {
     table: Option<Rc<RoutingTable>>,
     counters: Counters,
+    tally: Rc<Tally>,
 }
 
-impl Context for EnvlaneRoot {}
+impl Context for EnvlaneRoot {
+    fn on_done(&mut self) -> bool {
+        self.counters.flush(&self.tally);
+        true
+    }
+}
 
 impl RootContext for EnvlaneRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -80,8 +115,10 @@ impl RootContext for EnvlaneRoot {
                     table.pair_count(),
                     table.settings.own_env.as_ref().map_or("-", |e| e.as_str()),
                 );
+                self.counters.flush(&self.tally);
                 self.counters = Counters::define();
                 self.table = Some(Rc::new(table));
+                let _ = hostcalls::set_tick_period(FLUSH_PERIOD);
                 true
             }
             Err(e) => {
@@ -91,11 +128,15 @@ impl RootContext for EnvlaneRoot {
         }
     }
 
+    fn on_tick(&mut self) {
+        self.counters.flush(&self.tally);
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let table = self.table.clone()?;
         Some(Box::new(EnvlaneHttp {
             table,
-            counters: self.counters,
+            tally: Rc::clone(&self.tally),
             explanation: None,
         }))
     }
@@ -115,29 +156,39 @@ fn node_metadata(path: &[&str]) -> Option<String> {
 
 struct EnvlaneHttp {
     table: Rc<RoutingTable>,
-    counters: Counters,
+    tally: Rc<Tally>,
     explanation: Option<String>,
 }
 
-/// The request headers, read through the host on demand.
-struct HostHeaders;
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
 
-impl Headers for HostHeaders {
-    fn get(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    }
-
-    fn get_all(&self, name: &str) -> Vec<String> {
-        hostcalls::get_map(MapType::HttpRequestHeaders)
-            .map(|all| {
-                all.into_iter()
-                    .filter(|(k, _)| k == name)
-                    .map(|(_, v)| v)
-                    .collect()
-            })
-            .unwrap_or_default()
+/// All request headers in proxy-wasm's serialized form, with one host call
+/// (read in place by [`HeaderMap`]). Empty when the host has none.
+///
+/// The SDK's `get_map`/`get_map_value` would copy every header into its own
+/// `String` and panic on a value that is not UTF-8, which a client can send.
+fn request_header_bytes() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer it got from this module's
+    // `proxy_on_memory_allocate` (the SDK's: a boxed `[u8]` of exactly
+    // `size` bytes), or leaves it null. Ownership passes to us, as in the
+    // SDK's own `get_map`.
+    unsafe {
+        let status =
+            proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size);
+        if status == Status::Ok as u32 && !data.is_null() {
+            Vec::from_raw_parts(data, size, size)
+        } else {
+            Vec::new()
+        }
     }
 }
 
@@ -146,7 +197,17 @@ impl Context for EnvlaneHttp {}
 impl HttpContext for EnvlaneHttp {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let table = Rc::clone(&self.table);
-        let plan = plan(&table, &HostHeaders);
+        let wire = request_header_bytes();
+        let Some(request) = HeaderMap::parse(&wire) else {
+            // Not expected from Envoy; still never let a client pick the cluster.
+            log::warn!("envlane: malformed request header map from the host");
+            let _ = hostcalls::remove_map_value(
+                MapType::HttpRequestHeaders,
+                &table.settings.route_header,
+            );
+            return Action::Continue;
+        };
+        let plan = plan(&table, &request);
         let s = &table.settings;
         let headers = MapType::HttpRequestHeaders;
         if plan.strip_route_header {
@@ -166,10 +227,7 @@ impl HttpContext for EnvlaneHttp {
             // Absent (NotFound) on hosts without the function: nothing to clear.
             let _ = hostcalls::call_foreign_function("clear_route_cache", None);
         }
-        self.counters.outcome(plan.outcome);
-        if plan.invalid_env {
-            Counters::bump(self.counters.invalid);
-        }
+        self.tally.count(plan.outcome, plan.invalid_env);
         self.explanation = plan.explanation;
         Action::Continue
     }

@@ -9,6 +9,7 @@ pub mod decide;
 pub mod names;
 pub mod sources;
 pub mod table;
+pub mod wire;
 
 #[cfg(feature = "filter")]
 mod filter;

@@ -432,3 +432,77 @@ fn debug_explanation_names_env_chain_and_target() {
     );
     assert_eq!(p.explanation, None, "no debug header, no explanation");
 }
+
+/// Header bytes that are not UTF-8 (HTTP/1.1 allows obs-text): an env value
+/// is refused and counted, other sources still apply, nothing panics.
+#[test]
+fn values_that_are_not_utf8() {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.baggage_key = Some("lane".into());
+    let table = compile(&cfg, "demo", Some("dev.proj2"));
+    // (headers, outcome, env chosen, invalid counted, injected)
+    type Case<'a> = (
+        &'a [(&'a str, &'a [u8])],
+        Outcome,
+        &'a str,
+        bool,
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
+        (
+            &[
+                (":authority", b"go:8080"),
+                ("x-virtual-env", b"dev\xff.proj1"),
+            ],
+            // Refused; the pod's own env applies, the header is left alone.
+            Outcome::Exact,
+            "dev.proj2",
+            true,
+            None,
+        ),
+        (
+            &[
+                (":authority", b"go:8080"),
+                ("x-virtual-env", b"\xc3"),
+                ("baggage", b"lane=dev.proj2"),
+            ],
+            Outcome::Exact,
+            "dev.proj2",
+            true,
+            None,
+        ),
+        // A broken baggage header is skipped; the next one still counts.
+        (
+            &[
+                (":authority", b"go:8080"),
+                ("baggage", b"lane=\xff"),
+                ("baggage", b"lane=dev.proj2"),
+            ],
+            Outcome::Exact,
+            "dev.proj2",
+            false,
+            None,
+        ),
+        // An authority that is not text names no service.
+        (
+            &[(":authority", b"go\xff:8080")],
+            Outcome::Passthrough,
+            "-",
+            false,
+            Some("dev.proj2"),
+        ),
+    ];
+    for (headers, outcome, env, invalid, injected) in cases {
+        let p = plan(&table, &MapHeaders::raw(headers));
+        let chosen = p
+            .route_to_cluster
+            .map(|c| c.split('|').nth(2).unwrap_or_default().to_string())
+            .unwrap_or_else(|| "-".into());
+        let want = if *env == "-" { "-".into() } else { subset(env) };
+        assert_eq!(
+            (p.outcome, chosen, p.invalid_env, p.inject_env),
+            (*outcome, want, *invalid, *injected),
+            "{headers:?}"
+        );
+    }
+}

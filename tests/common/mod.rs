@@ -4,6 +4,7 @@
 use envlane::config::{EnvEntry, Mode, PluginConfig, ServiceEntry};
 use envlane::decide::Headers;
 use envlane::table::{Node, RoutingTable};
+use envlane::wire::HeaderMap;
 
 /// A config with `services` = (fqdn, port, envs), envs indexed in first-seen order.
 pub fn config(services: &[(&str, u16, &[&str])], default_env: Option<&str>) -> PluginConfig {
@@ -63,33 +64,30 @@ pub fn alibaba(mode: Mode) -> PluginConfig {
     cfg
 }
 
-/// Request headers as a list of (name, value); names lower-case.
-pub struct MapHeaders(pub Vec<(String, String)>);
+/// Request headers as the host hands them to the filter: proxy-wasm's
+/// serialized map, read through [`HeaderMap`] as the filter reads it.
+pub struct MapHeaders(pub Vec<u8>);
 
 impl MapHeaders {
     pub fn new(pairs: &[(&str, &str)]) -> Self {
-        Self(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        Self(HeaderMap::encode(
+            pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+        ))
+    }
+
+    /// Values as raw bytes (not necessarily UTF-8), as a client may send.
+    pub fn raw(pairs: &[(&str, &[u8])]) -> Self {
+        Self(HeaderMap::encode(
+            pairs.iter().map(|(k, v)| (k.as_bytes(), *v)),
+        ))
     }
 }
 
 impl Headers for MapHeaders {
-    fn get(&self, name: &str) -> Option<String> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    }
-    fn get_all(&self, name: &str) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .collect()
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        HeaderMap::parse(&self.0)
+            .expect("well-formed header map")
+            .values_of(name)
     }
 }
 
