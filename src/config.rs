@@ -189,63 +189,128 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Parses the JSON. On error the message names the field: serde's own
-/// messages do for unknown and missing fields; for a wrong value the
-/// document is re-checked one key at a time to find it (error path only).
+/// Parses the JSON straight into the typed config (a 100k-pair table builds
+/// no JSON tree). On error the message names the field: the path of the
+/// JSON value where serde stopped, e.g. `services[3].ports[0]`.
 pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     let json = if json.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {
         json
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| ConfigError::new("(document)", e.to_string()))?;
-    PluginConfig::deserialize(&value).map_err(|e| {
-        let problem = e.to_string();
-        let field = locate::<PluginConfig>(&value, "").unwrap_or_else(|| "(document)".into());
-        ConfigError::new(field, problem)
+    serde_json::from_slice::<PluginConfig>(json).map_err(|e| {
+        let field = match e.classify() {
+            serde_json::error::Category::Data => {
+                // A missing field is reported inside its object, before the `}`.
+                let object = e.to_string().starts_with("missing field");
+                path_at(json, e.line(), e.column(), object)
+            }
+            _ => None,
+        };
+        ConfigError::new(field.unwrap_or_else(|| "(document)".into()), e.to_string())
     })
 }
 
-/// Finds the path of the first member of `value` that `T` refuses on its own.
-fn locate<T: serde::de::DeserializeOwned>(
-    value: &serde_json::Value,
-    prefix: &str,
-) -> Option<String> {
-    use serde_json::Value;
-    let Value::Object(map) = value else {
-        return None;
+/// One open JSON container while scanning.
+enum Frame {
+    /// The key read last, and whether the next string is a key.
+    Object {
+        key: Vec<u8>,
+        want_key: bool,
+    },
+    Array {
+        index: usize,
+    },
+}
+
+/// The path (`a[1].b`) of the value at `line`:`column` (1-based, where
+/// serde_json reported an error): the member or element being read there, or
+/// the container that just closed; with `object`, the object being read.
+/// `None` outside an object member.
+fn path_at(json: &[u8], line: usize, column: usize, object: bool) -> Option<String> {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        json.iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .nth(line - 2)
+            .map(|(i, _)| i + 1)?
     };
-    for (key, member) in map {
-        let path = format!("{prefix}{key}");
-        // Only the top level holds arrays of structs.
-        let deeper = match (prefix.is_empty().then_some(key.as_str()), member) {
-            (Some("services"), Value::Array(items)) => locate_items::<ServiceEntry>(items, &path),
-            (Some("envs"), Value::Array(items)) => locate_items::<EnvEntry>(items, &path),
-            (Some("envAliases"), Value::Array(items)) => locate_items::<EnvAlias>(items, &path),
-            _ => None,
-        };
-        if deeper.is_some() {
-            return deeper;
+    let end = line_start.checked_add(column)?.min(json.len());
+    let text = json.get(..end)?;
+
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut closed: Option<String> = None;
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        i += 1;
+        if b.is_ascii_whitespace() || b == b':' {
+            continue;
         }
-        let alone = Value::Object([(key.clone(), member.clone())].into_iter().collect());
-        match T::deserialize(&alone) {
-            // A lone member of a struct with required fields misses the others: not its fault.
-            Err(e) if !e.to_string().starts_with("missing field") => return Some(path),
+        closed = None;
+        match b {
+            b'{' => stack.push(Frame::Object {
+                key: Vec::new(),
+                want_key: true,
+            }),
+            b'[' => stack.push(Frame::Array { index: 0 }),
+            b'}' | b']' => {
+                closed = Some(render_path(&stack));
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { want_key, .. }) => *want_key = true,
+                Some(Frame::Array { index }) => *index += 1,
+                None => {}
+            },
+            b'"' => {
+                let start = i;
+                while let Some(&c) = text.get(i) {
+                    i += 1;
+                    match c {
+                        b'\\' => i += 1,
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+                if let Some(Frame::Object { key, want_key }) = stack.last_mut() {
+                    if *want_key {
+                        *want_key = false;
+                        *key = text.get(start..i.saturating_sub(1))?.to_vec();
+                    }
+                }
+            }
             _ => {}
         }
     }
-    None
+    if object {
+        if let Some(Frame::Object { key, .. }) = stack.last_mut() {
+            key.clear();
+        }
+        closed = None;
+    }
+    let path = closed.unwrap_or_else(|| render_path(&stack));
+    (!path.is_empty() && !path.starts_with('[')).then_some(path)
 }
 
-fn locate_items<T: serde::de::DeserializeOwned>(
-    items: &[serde_json::Value],
-    path: &str,
-) -> Option<String> {
-    items.iter().enumerate().find_map(|(i, item)| {
-        T::deserialize(item).err().map(|_| {
-            let at = format!("{path}[{i}]");
-            locate::<T>(item, &format!("{at}.")).unwrap_or(at)
-        })
-    })
+fn render_path(stack: &[Frame]) -> String {
+    let mut out = String::new();
+    for frame in stack {
+        match frame {
+            Frame::Object { key, .. } if key.is_empty() => {}
+            Frame::Object { key, .. } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&String::from_utf8_lossy(key));
+            }
+            Frame::Array { index } => {
+                out.push('[');
+                out.push_str(&index.to_string());
+                out.push(']');
+            }
+        }
+    }
+    out
 }

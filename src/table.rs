@@ -57,7 +57,7 @@ pub struct RoutingTable {
     env_names: Box<[EnvName]>,
     hosts: FastMap<u32>,
     services: Box<[Service]>,
-    targets: Box<[Box<str>]>,
+    targets: Targets,
     default_env: Option<u32>,
 }
 
@@ -83,7 +83,7 @@ impl<'t> ServiceRef<'t> {
             Mode::Cluster => *first as usize + self.port_slot,
             Mode::Host => *first as usize,
         };
-        self.table.targets.get(slot).map(AsRef::as_ref)
+        self.table.targets.get(slot)
     }
 }
 
@@ -164,7 +164,7 @@ impl RoutingTable {
 
         let mut hosts = FastMap::default();
         let mut services = Vec::with_capacity(config.services.len());
-        let mut targets: Vec<Box<str>> = Vec::new();
+        let mut targets = Targets::default();
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             let fqdn = ServiceHost::try_new(&entry.host)
@@ -193,12 +193,11 @@ impl RoutingTable {
                         format!("{env_id} is not an index into envs"),
                     )
                 })?;
-                let first = u32::try_from(targets.len())
-                    .map_err(|_| ConfigError::new("services", "too many targets"))?;
+                let first = targets.next_slot()?;
                 match (config.mode, &parts) {
                     (Mode::Cluster, _) => {
-                        for port in &ports {
-                            targets.push(format!("outbound|{port}|{subset}|{fqdn}").into());
+                        for &port in &ports {
+                            targets.push_cluster(port, subset.as_str(), fqdn.as_str())?;
                         }
                     }
                     (Mode::Host, Some(p)) => {
@@ -210,7 +209,7 @@ impl RoutingTable {
                         );
                         let host = ServiceHost::try_new(&host)
                             .map_err(|e| ConfigError::new("hostTemplate", e))?;
-                        targets.push(host.as_str().into());
+                        targets.push(host.as_str())?;
                     }
                     (Mode::Host, None) => {}
                 }
@@ -249,7 +248,7 @@ impl RoutingTable {
             env_names: env_names.into(),
             hosts,
             services: services.into(),
-            targets: targets.into(),
+            targets,
             default_env,
         })
     }
@@ -299,6 +298,72 @@ impl RoutingTable {
 
     pub fn pair_count(&self) -> usize {
         self.services.iter().map(|s| s.envs.len()).sum()
+    }
+}
+
+/// Every target string in one buffer: a 100k-pair table is one allocation
+/// for its targets, not 100k.
+#[derive(Debug, Default)]
+struct Targets {
+    text: String,
+    /// End offset of each target in `text`.
+    ends: Vec<u32>,
+}
+
+impl Targets {
+    fn next_slot(&self) -> Result<u32, ConfigError> {
+        u32::try_from(self.ends.len()).map_err(|_| ConfigError::new("services", "too many targets"))
+    }
+
+    fn close(&mut self) -> Result<(), ConfigError> {
+        let end = u32::try_from(self.text.len())
+            .map_err(|_| ConfigError::new("services", "targets too large"))?;
+        self.ends.push(end);
+        Ok(())
+    }
+
+    fn push(&mut self, target: &str) -> Result<(), ConfigError> {
+        self.text.push_str(target);
+        self.close()
+    }
+
+    /// Istio's subset cluster name, `outbound|PORT|SUBSET|FQDN`.
+    fn push_cluster(&mut self, port: u16, subset: &str, fqdn: &str) -> Result<(), ConfigError> {
+        self.text.push_str("outbound|");
+        push_decimal(&mut self.text, port);
+        self.text.push('|');
+        self.text.push_str(subset);
+        self.text.push('|');
+        self.text.push_str(fqdn);
+        self.close()
+    }
+
+    fn get(&self, slot: usize) -> Option<&str> {
+        let end = *self.ends.get(slot)? as usize;
+        let start = match slot.checked_sub(1) {
+            Some(prev) => *self.ends.get(prev)? as usize,
+            None => 0,
+        };
+        self.text.get(start..end)
+    }
+}
+
+fn push_decimal(out: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(at..).unwrap_or_default() {
+        out.push(char::from(d));
     }
 }
 
@@ -522,3 +587,31 @@ impl Hasher for FxHasher {
 }
 
 type FastMap<V> = HashMap<Box<str>, V, BuildHasherDefault<FxHasher>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_share_one_buffer() {
+        let mut t = Targets::default();
+        for port in [1, 80, 8080, 65535, 10] {
+            t.push_cluster(port, "dev-1", "a.b.svc.cluster.local")
+                .expect("fits");
+        }
+        t.push("host-1.b.svc.cluster.local").expect("fits");
+        let all: Vec<_> = (0..7).map(|i| t.get(i)).collect();
+        assert_eq!(
+            all,
+            [
+                Some("outbound|1|dev-1|a.b.svc.cluster.local"),
+                Some("outbound|80|dev-1|a.b.svc.cluster.local"),
+                Some("outbound|8080|dev-1|a.b.svc.cluster.local"),
+                Some("outbound|65535|dev-1|a.b.svc.cluster.local"),
+                Some("outbound|10|dev-1|a.b.svc.cluster.local"),
+                Some("host-1.b.svc.cluster.local"),
+                None,
+            ]
+        );
+    }
+}

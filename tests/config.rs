@@ -70,7 +70,7 @@ fn bad_fields_are_named() {
         ),
         (
             r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[70000],"envs":[0]}]}"#,
-            "services[0].ports",
+            "services[0].ports[0]",
         ),
         (
             r#"{"envs":[{"name":"a"}],"services":[{"host":"a","ports":[80],"envs":[0,0]}]}"#,
@@ -104,7 +104,7 @@ fn error_is_one_line_naming_the_field() {
     let err = parse(br#"{"services":[{"host":"a","ports":["80"],"envs":[]}]}"#).unwrap_err();
     let line = err.to_string();
     assert!(
-        line.starts_with("invalid envlane config: field `services[0].ports`:"),
+        line.starts_with("invalid envlane config: field `services[0].ports[0]`:"),
         "{line}"
     );
     assert!(!line.contains('\n'));
@@ -151,4 +151,30 @@ fn hundred_thousand_pairs_fit_in_one_object() {
     let table = compile(&parse(&json).unwrap(), "team-ns", None);
     assert_eq!(table.pair_count(), 100_000);
     assert_eq!(table.service_count(), 1000);
+}
+
+#[test]
+fn bad_fields_are_named_in_pretty_printed_json() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "{\n  \"envs\": [\n    {\"name\": \"a\"},\n    {\"name\": \"b\", \"subset\": 7}\n  ]\n}",
+            "envs[1].subset",
+        ),
+        (
+            "{\n  \"envs\": [{\"name\": \"a\"}],\n  \"services\": [\n    {\n      \"host\": \"a\",\n      \"ports\": [80]\n    }\n  ]\n}",
+            "services[0]",
+        ),
+        (
+            "{\r\n  \"mode\": \"cluster\",\r\n  \"auto\\u0049njectz\": true\r\n}",
+            "auto\\u0049njectz",
+        ),
+        ("{\n  \"services\": [\n    1\n  ]\n}", "services[0]"),
+        ("[\n  {}\n]", "(document)"),
+    ];
+    for (json, field) in cases {
+        match parse(json.as_bytes()) {
+            Ok(_) => panic!("{json} was accepted"),
+            Err(e) => assert_eq!(e.field, *field, "{json}: {e}"),
+        }
+    }
 }
