@@ -162,9 +162,13 @@ impl RoutingTable {
             }
         };
 
-        let mut hosts = FastMap::default();
+        // Full name plus up to three short ones per service.
+        let mut hosts = FastMap::with_capacity_and_hasher(
+            config.services.len().saturating_mul(4),
+            BuildHasherDefault::default(),
+        );
         let mut services = Vec::with_capacity(config.services.len());
-        let mut targets = Targets::default();
+        let mut targets = Targets::sized_for(config, &subsets);
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             let fqdn = ServiceHost::try_new(&entry.host)
@@ -311,6 +315,36 @@ struct Targets {
 }
 
 impl Targets {
+    /// Room for every target of `config`, reserved once: growing a buffer of
+    /// megabytes by doubling would leave the old copies behind in the VM's
+    /// linear memory, which never shrinks.
+    fn sized_for(config: &PluginConfig, subsets: &[SubsetName]) -> Self {
+        let mut count = 0usize;
+        let mut bytes = 0usize;
+        for s in &config.services {
+            let ports = match config.mode {
+                Mode::Cluster => s.ports.len(),
+                Mode::Host => 1,
+            };
+            count = count.saturating_add(s.envs.len().saturating_mul(ports));
+            if config.mode == Mode::Cluster {
+                // outbound|PORT|SUBSET|FQDN
+                let fixed: usize = s.ports.iter().map(|p| 11 + decimal_len(*p)).sum();
+                for &env in &s.envs {
+                    let subset = subsets.get(env as usize).map_or(0, |n| n.as_str().len());
+                    let each = subset.saturating_add(s.host.len());
+                    bytes = bytes
+                        .saturating_add(fixed)
+                        .saturating_add(each.saturating_mul(s.ports.len()));
+                }
+            }
+        }
+        Self {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(count),
+        }
+    }
+
     fn next_slot(&self) -> Result<u32, ConfigError> {
         u32::try_from(self.ends.len()).map_err(|_| ConfigError::new("services", "too many targets"))
     }
@@ -345,6 +379,16 @@ impl Targets {
             None => 0,
         };
         self.text.get(start..end)
+    }
+}
+
+fn decimal_len(n: u16) -> usize {
+    match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1000..=9999 => 4,
+        _ => 5,
     }
 }
 
@@ -591,6 +635,35 @@ type FastMap<V> = HashMap<Box<str>, V, BuildHasherDefault<FxHasher>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{EnvEntry, ServiceEntry};
+
+    #[test]
+    fn target_buffer_is_reserved_exactly() {
+        let config = PluginConfig {
+            envs: ["dev", "dev.a", "dev.a.b"]
+                .iter()
+                .map(|n| EnvEntry {
+                    name: n.to_string(),
+                    subset: None,
+                })
+                .collect(),
+            services: (0..50)
+                .map(|i| ServiceEntry {
+                    host: format!("svc{i}.ns.svc.cluster.local"),
+                    ports: vec![80, 8080, 9, 65535],
+                    envs: vec![0, 2, 1],
+                })
+                .collect(),
+            ..PluginConfig::default()
+        };
+        let table = RoutingTable::compile(&config, &Node::default()).expect("valid");
+        let t = &table.targets;
+        assert_eq!(t.ends.len(), 50 * 3 * 4);
+        assert_eq!(
+            (t.text.len(), t.ends.len()),
+            (t.text.capacity(), t.ends.capacity())
+        );
+    }
 
     #[test]
     fn targets_share_one_buffer() {
