@@ -179,6 +179,11 @@ impl RoutingTable {
             let mut ports = entry.ports.clone();
             ports.sort_unstable();
             ports.dedup();
+            // `outbound|PORT|`, rendered once per port, not once per target.
+            let heads: Vec<String> = match config.mode {
+                Mode::Cluster => ports.iter().map(|p| format!("outbound|{p}|")).collect(),
+                Mode::Host => Vec::new(),
+            };
             let parts = FqdnParts::of(fqdn.as_str(), &config.cluster_domain);
             if config.mode == Mode::Host && parts.is_none() {
                 return Err(ConfigError::new(
@@ -200,8 +205,8 @@ impl RoutingTable {
                 let first = targets.next_slot()?;
                 match (config.mode, &parts) {
                     (Mode::Cluster, _) => {
-                        for &port in &ports {
-                            targets.push_cluster(port, subset.as_str(), fqdn.as_str())?;
+                        for head in &heads {
+                            targets.push_cluster(head, subset.as_str(), fqdn.as_str())?;
                         }
                     }
                     (Mode::Host, Some(p)) => {
@@ -241,8 +246,17 @@ impl RoutingTable {
         // service's short alias.
         for (index, service) in (0u32..).zip(services.iter()) {
             let parts = FqdnParts::of(service.fqdn.as_str(), &config.cluster_domain);
-            for alias in short_aliases(parts.as_ref(), node.namespace.as_deref()) {
-                hosts.entry(alias.into()).or_insert(index);
+            for alias in short_aliases(
+                service.fqdn.as_str(),
+                parts.as_ref(),
+                node.namespace.as_deref(),
+            )
+            .into_iter()
+            .flatten()
+            {
+                if !hosts.contains_key(alias) {
+                    hosts.insert(alias.into(), index);
+                }
             }
         }
 
@@ -361,11 +375,10 @@ impl Targets {
         self.close()
     }
 
-    /// Istio's subset cluster name, `outbound|PORT|SUBSET|FQDN`.
-    fn push_cluster(&mut self, port: u16, subset: &str, fqdn: &str) -> Result<(), ConfigError> {
-        self.text.push_str("outbound|");
-        push_decimal(&mut self.text, port);
-        self.text.push('|');
+    /// Istio's subset cluster name, `outbound|PORT|SUBSET|FQDN`; `head` is
+    /// `outbound|PORT|`.
+    fn push_cluster(&mut self, head: &str, subset: &str, fqdn: &str) -> Result<(), ConfigError> {
+        self.text.push_str(head);
         self.text.push_str(subset);
         self.text.push('|');
         self.text.push_str(fqdn);
@@ -392,25 +405,6 @@ fn decimal_len(n: u16) -> usize {
     }
 }
 
-fn push_decimal(out: &mut String, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || at == 0 {
-            break;
-        }
-    }
-    for &d in digits.get(at..).unwrap_or_default() {
-        out.push(char::from(d));
-    }
-}
-
 /// `name.namespace.svc.<domain>` split up.
 struct FqdnParts<'a> {
     name: &'a str,
@@ -426,17 +420,24 @@ impl<'a> FqdnParts<'a> {
 }
 
 /// The other names a request may use for a Kubernetes service: `name.ns.svc`,
-/// `name.ns`, and `name` when the caller is in the same namespace.
-fn short_aliases(parts: Option<&FqdnParts<'_>>, caller_namespace: Option<&str>) -> Vec<String> {
-    let mut aliases = Vec::new();
-    if let Some(p) = parts {
-        aliases.push(format!("{}.{}.svc", p.name, p.namespace));
-        aliases.push(format!("{}.{}", p.name, p.namespace));
-        if caller_namespace == Some(p.namespace) {
-            aliases.push(p.name.to_string());
-        }
-    }
-    aliases
+/// `name.ns`, and `name` when the caller is in the same namespace. All are
+/// prefixes of the FQDN `name.ns.svc.<domain>`, so nothing is formatted.
+fn short_aliases<'a>(
+    fqdn: &'a str,
+    parts: Option<&FqdnParts<'_>>,
+    caller_namespace: Option<&str>,
+) -> [Option<&'a str>; 3] {
+    let Some(p) = parts else {
+        return [None; 3];
+    };
+    let name_ns = p.name.len() + 1 + p.namespace.len();
+    [
+        fqdn.get(..name_ns + ".svc".len()),
+        fqdn.get(..name_ns),
+        (caller_namespace == Some(p.namespace))
+            .then(|| fqdn.get(..p.name.len()))
+            .flatten(),
+    ]
 }
 
 /// Splits `host[:port]`; `[v6]:port` keeps the brackets. `None` for a bad port.
@@ -669,8 +670,12 @@ mod tests {
     fn targets_share_one_buffer() {
         let mut t = Targets::default();
         for port in [1, 80, 8080, 65535, 10] {
-            t.push_cluster(port, "dev-1", "a.b.svc.cluster.local")
-                .expect("fits");
+            t.push_cluster(
+                &format!("outbound|{port}|"),
+                "dev-1",
+                "a.b.svc.cluster.local",
+            )
+            .expect("fits");
         }
         t.push("host-1.b.svc.cluster.local").expect("fits");
         let all: Vec<_> = (0..7).map(|i| t.get(i)).collect();
