@@ -110,6 +110,13 @@ struct Case {
     want: &'static [&'static str],
 }
 
+/// What alibaba/virtual-environment's e2e deployment renders to.
+const ALIBABA_TABLE: &[&str] = &[
+    "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
+    "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
+    "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
+];
+
 #[test]
 fn table_cases() {
     let mut extra_unready = alibaba_pods("demo");
@@ -141,22 +148,14 @@ fn table_cases() {
             namespaces: vec![ns("demo", true)],
             pods: alibaba_pods("demo"),
             services: alibaba_services("demo"),
-            want: &[
-                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
-                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
-                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
-            ],
+            want: ALIBABA_TABLE,
         },
         Case {
             name: "readiness: an un-Ready pod's env is not written",
             namespaces: vec![ns("demo", true)],
             pods: extra_unready,
             services: alibaba_services("demo"),
-            want: &[
-                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
-                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
-                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
-            ],
+            want: ALIBABA_TABLE,
         },
         Case {
             name: "only un-Ready pods: the service is not in the table",
@@ -217,11 +216,7 @@ fn table_cases() {
             namespaces: vec![ns("demo", true)],
             pods: alibaba_pods("demo"),
             services: not_inputs,
-            want: &[
-                "go.demo.svc.cluster.local [8080]: dev,dev.proj2",
-                "java.demo.svc.cluster.local [8080]: dev,dev.proj1,dev.proj1.feature1",
-                "node.demo.svc.cluster.local [8080]: dev,dev.proj1",
-            ],
+            want: ALIBABA_TABLE,
         },
         Case {
             name: "two namespaces share one table",
