@@ -7,12 +7,23 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::MAX_CONFIG_BYTES;
+
 pub const DEFAULT_ENV_HEADER: &str = "x-virtual-env";
 pub const DEFAULT_ENV_LABEL: &str = "virtual-env";
 pub const DEFAULT_SPLITTER: &str = ".";
 pub const DEFAULT_ROUTE_HEADER: &str = "x-envlane-cluster";
 pub const DEFAULT_DEBUG_HEADER: &str = "x-envlane-debug";
 pub const DECISION_HEADER: &str = "x-envlane-decision";
+/// The filter-state property the filter writes, in a stream, with the cluster
+/// it chose (Envoy stores it as `wasm.envlane_route`). envlane's route
+/// matches only on it: a client header alone can never select that route.
+/// One path part: Envoy joins several with a NUL byte.
+pub const ROUTE_STATE_PROPERTY: &str = "envlane_route";
+/// The filter-state key Envoy's route match names.
+pub const ROUTE_STATE_KEY: &str = "wasm.envlane_route";
+/// Every value the filter writes there starts so (an Istio cluster name).
+pub const ROUTE_STATE_PREFIX: &str = "outbound|";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_HOST_TEMPLATE: &str = "{name}-{subset}.{namespace}.svc.{clusterDomain}";
 
@@ -29,7 +40,7 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PluginConfig {
     /// Request header that carries the env.
     #[serde(default = "default_env_header")]
@@ -38,7 +49,11 @@ pub struct PluginConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baggage_key: Option<String>,
     /// More places to read the env from, tried after the header and baggage.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::aliases"
+    )]
     pub env_aliases: Vec<EnvAlias>,
     /// Pod label whose value (from node metadata) is the caller's own env.
     #[serde(default = "default_env_label")]
@@ -59,10 +74,20 @@ pub struct PluginConfig {
     /// stripped from incoming requests first.
     #[serde(default = "default_route_header")]
     pub route_header: String,
-    /// When a request carries this header, the response explains the decision
-    /// in `x-envlane-decision`.
+    /// When `debug` is on and a request carries this header, the response
+    /// explains the decision in `x-envlane-decision`.
     #[serde(default = "default_debug_header")]
     pub debug_header: String,
+    /// Answer `debugHeader` with an explanation. Off by default: the
+    /// explanation names clusters, envs and the caller's label.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub debug: bool,
+    /// The filter runs at the mesh edge (an ingress gateway): it removes from
+    /// every request what outsiders must not set (`envHeader`, the baggage
+    /// member, alias headers and cookies, `routeHeader`, `debugHeader`) and
+    /// routes nothing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub edge: bool,
     /// Kubernetes cluster domain, used to resolve short service names.
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
@@ -74,9 +99,9 @@ pub struct PluginConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Every env the table mentions; services refer to them by index.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::limits::envs")]
     pub envs: Vec<EnvEntry>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::limits::services")]
     pub services: Vec<ServiceEntry>,
 }
 
@@ -93,6 +118,8 @@ impl Default for PluginConfig {
             mode: Mode::Cluster,
             route_header: default_route_header(),
             debug_header: default_debug_header(),
+            debug: false,
+            edge: false,
             cluster_domain: default_cluster_domain(),
             host_template: default_host_template(),
             revision: None,
@@ -104,7 +131,7 @@ impl Default for PluginConfig {
 
 /// Another place the env may be found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EnvAlias {
     /// A request header whose whole value is the env (e.g. `x-lane`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,7 +142,7 @@ pub struct EnvAlias {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EnvEntry {
     pub name: String,
     /// DestinationRule subset for this env; derived from the name when absent
@@ -125,14 +152,16 @@ pub struct EnvEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     /// The Service FQDN, `name.namespace.svc.<clusterDomain>` (or any other
     /// host, matched as written).
     pub host: String,
     /// Service ports; a request to another port is left untouched.
+    #[serde(deserialize_with = "crate::limits::ports")]
     pub ports: Vec<u16>,
     /// Indexes into `envs`: the envs that have Ready pods of this service.
+    #[serde(deserialize_with = "crate::limits::env_ids")]
     pub envs: Vec<u32>,
 }
 
@@ -159,6 +188,9 @@ fn default_host_template() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A config error: the JSON path of the bad field and what is wrong with it.
@@ -189,10 +221,44 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A config as the filter reads it: fields this build does not know are
+/// listed, not refused (forward compatible, as Envoy treats xDS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub config: PluginConfig,
+    /// Paths of the ignored fields (at most [`crate::unknown::MAX_REPORTED`]).
+    pub unknown_fields: Vec<String>,
+}
+
+/// The filter's parse: unknown fields are ignored and reported.
+pub fn parse_forward_compatible(json: &[u8]) -> Result<Parsed, ConfigError> {
+    let config = parse_known(json)?;
+    Ok(Parsed {
+        config,
+        unknown_fields: crate::unknown::unknown_fields(json),
+    })
+}
+
+/// The strict parse (`envlane-sync render` and `validate`): an unknown field
+/// is an error that names it.
+pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let config = parse_known(json)?;
+    match crate::unknown::unknown_fields(json).into_iter().next() {
+        Some(field) => Err(ConfigError::new(
+            field,
+            "unknown field (not in this version of the envlane config)",
+        )),
+        None => Ok(config),
+    }
+}
+
 /// Parses the JSON straight into the typed config (a 100k-pair table builds
 /// no JSON tree). On error the message names the field: the path of the
 /// JSON value where serde stopped, e.g. `services[3].ports[0]`.
-pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+fn parse_known(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+    if json.len() > MAX_CONFIG_BYTES {
+        return Err(too_big(json.len()));
+    }
     let json = if json.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {
@@ -209,6 +275,15 @@ pub fn parse(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         };
         ConfigError::new(field.unwrap_or_else(|| "(document)".into()), e.to_string())
     })
+}
+
+/// The error for a config over [`MAX_CONFIG_BYTES`] (also used by the filter,
+/// which checks the size before reading the config).
+pub fn too_big(bytes: usize) -> ConfigError {
+    ConfigError::new(
+        "(document)",
+        format!("{bytes} bytes is over the limit of {MAX_CONFIG_BYTES} bytes"),
+    )
 }
 
 /// One open JSON container while scanning.

@@ -142,7 +142,7 @@ pub struct Plan<'t> {
     pub rewrite_authority: Option<String>,
     /// Add the env header with this value (auto-inject of the pod's own env).
     pub inject_env: Option<&'t str>,
-    /// Present when the request asked for it with the debug header.
+    /// Present when `debug` is on and the request asked with the debug header.
     pub explanation: Option<String>,
 }
 
@@ -252,10 +252,8 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         }
         _ => None,
     };
-    let explanation = headers
-        .values(&s.debug_header)
-        .next()
-        .map(|_| explain(table, &found, service.as_ref(), &resolution));
+    let explanation = (s.debug && headers.values(&s.debug_header).next().is_some())
+        .then(|| explain(table, &found, service.as_ref(), &resolution));
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),

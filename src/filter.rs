@@ -1,113 +1,272 @@
-//! The proxy-wasm glue: the only module that talks to the host. It reads
-//! inputs for the pure core ([`crate::decide::plan`]) and applies its plan.
+//! The proxy-wasm glue: the only module that talks to the host. It implements
+//! [`Host`] on the raw proxy-wasm ABI and hands each callback to
+//! [`crate::glue`].
+//!
+//! The SDK (`proxy_wasm`) is used for its context dispatch only. Its host
+//! call wrappers panic on any status they do not expect (`set_property`
+//! outside a stream, a header the host refuses, ...) and its map getters
+//! panic on header bytes that are not UTF-8; a panic aborts the VM and fails
+//! every request of the sidecar. So every host call here is made directly,
+//! and a status other than `OK` is only a `false`/`None`.
 
-use std::rc::Rc;
-
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType};
 
-use crate::config::{self, DECISION_HEADER};
-use crate::decide::{plan, Outcome};
-use crate::table::{Node, RoutingTable};
-use crate::wire::HeaderMap;
+use crate::glue::{Host, Root, Stream};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    install_logger();
     proxy_wasm::set_root_context(|_| Box::<EnvlaneRoot>::default());
 }}
 
-/// Envoy's counter ids, one per outcome plus one for refused env values.
-/// (Incremented per request: a host call of ~1.2k Envoy instructions, 0.5%
-/// of the filter's cost, measured against batching them on a timer.)
-#[derive(Debug, Clone, Copy, Default)]
-struct Counters {
-    outcomes: [Option<u32>; 4],
-    invalid: Option<u32>,
+const OK: u32 = 0;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
+const METRIC_COUNTER: u32 = 0;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message: *const u8, message_size: usize) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path: *const u8,
+        path_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path: *const u8,
+        path_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        arguments: *const u8,
+        arguments_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
 }
 
-impl Counters {
-    fn define() -> Self {
-        let define = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
-        let mut c = Self::default();
-        for (slot, outcome) in c.outcomes.iter_mut().zip(Outcome::ALL) {
-            *slot = define(&format!("envlane.decision.{}", outcome.as_str()));
+/// Takes ownership of bytes the host returned. The host allocates them with
+/// this module's `proxy_on_memory_allocate` (the SDK's: a boxed `[u8]` of
+/// exactly `size` bytes), as the SDK's own wrappers assume.
+fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if status != OK {
+        return None;
+    }
+    if data.is_null() {
+        return Some(Vec::new());
+    }
+    // SAFETY: see above; `data` is non-null and holds `size` bytes we own.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// A property path as the ABI wants it: parts separated by NUL bytes.
+fn property_path(path: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in path.iter().enumerate() {
+        if i > 0 {
+            out.push(0);
         }
-        c.invalid = define("envlane.env.invalid");
-        c
+        out.extend_from_slice(part.as_bytes());
+    }
+    out
+}
+
+/// The host as the proxy-wasm ABI offers it.
+struct Wasm;
+
+impl Host for Wasm {
+    fn plugin_config(&self, size: usize) -> Option<Vec<u8>> {
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: out-pointers to locals; see `owned`.
+        let status = unsafe {
+            proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len)
+        };
+        owned(status, data, len)
     }
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let path = property_path(path);
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: `path` outlives the call; out-pointers to locals.
+        let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut len) };
+        owned(status, data, len)
+    }
+
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: out-pointers to locals; see `owned`.
+        let status =
+            unsafe { proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut len) };
+        owned(status, data, len)
+    }
+
+    fn remove_request_header(&self, name: &str) -> bool {
+        // SAFETY: `name` outlives the call.
+        unsafe {
+            proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) == OK
         }
     }
 
-    fn count(&self, outcome: Outcome, invalid: bool) {
-        let at = Outcome::ALL.iter().position(|o| *o == outcome);
-        Self::bump(at.and_then(|i| self.outcomes.get(i).copied().flatten()));
-        if invalid {
-            Self::bump(self.invalid);
+    fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
+        replace_header(MAP_REQUEST_HEADERS, name, value)
+    }
+
+    fn set_response_header(&self, name: &str, value: &[u8]) -> bool {
+        replace_header(MAP_RESPONSE_HEADERS, name, value)
+    }
+
+    fn set_filter_state(&self, name: &str, value: &[u8]) -> bool {
+        // SAFETY: both slices outlive the call.
+        unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
+    }
+
+    fn clear_route_cache(&self) {
+        let name = "clear_route_cache";
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: `name` outlives the call; out-pointers to locals. Absent
+        // (NotFound) on hosts without the function: nothing to clear.
+        let status = unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                std::ptr::null(),
+                0,
+                &mut data,
+                &mut len,
+            )
+        };
+        drop(owned(status, data, len));
+    }
+
+    fn define_counter(&self, name: &str) -> Option<u32> {
+        let mut id = 0;
+        // SAFETY: `name` outlives the call; out-pointer to a local.
+        let status =
+            unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) };
+        (status == OK).then_some(id)
+    }
+
+    fn increment(&self, id: u32) {
+        // SAFETY: plain values.
+        let _ = unsafe { proxy_increment_metric(id, 1) };
+    }
+
+    fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
+        let (mut data, mut len, mut cas) = (std::ptr::null_mut(), 0, 0);
+        // SAFETY: `key` outlives the call; out-pointers to locals.
+        let status = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut len, &mut cas)
+        };
+        owned(status, data, len)
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8]) -> bool {
+        // SAFETY: both slices outlive the call.
+        unsafe {
+            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), 0) == OK
         }
+    }
+}
+
+fn replace_header(map: u32, name: &str, value: &[u8]) -> bool {
+    // SAFETY: both slices outlive the call.
+    unsafe {
+        proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+            == OK
+    }
+}
+
+/// `log` records to the host's log; a failed log call is ignored.
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = match record.level() {
+            log::Level::Trace => 0,
+            log::Level::Debug => 1,
+            log::Level::Info => 2,
+            log::Level::Warn => 3,
+            log::Level::Error => 4,
+        };
+        let message = record.args().to_string();
+        // SAFETY: `message` outlives the call.
+        let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: HostLogger = HostLogger;
+
+fn install_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
     }
 }
 
 #[derive(Default)]
-struct EnvlaneRoot {
-    table: Option<Rc<RoutingTable>>,
-    counters: Counters,
-}
+struct EnvlaneRoot(Root);
 
 impl Context for EnvlaneRoot {}
 
 impl RootContext for EnvlaneRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let node = Node {
-            namespace: node_metadata(&["NAMESPACE"]),
-            env_label: None,
-        };
-        let parsed = config::parse(&raw);
-        // The JSON text is not needed while compiling: free it first (a
-        // 100k-pair table is a 1 MB text; linear memory never shrinks).
-        drop(raw);
-        let compiled = parsed.and_then(|cfg| {
-            let node = Node {
-                env_label: node_metadata(&["LABELS", &cfg.env_label]),
-                ..node
-            };
-            RoutingTable::compile(&cfg, &node)
-        });
-        match compiled {
-            Ok(table) => {
-                log::info!(
-                    "envlane: loaded table revision={} services={} pairs={} own_env={}",
-                    table.settings.revision.as_deref().unwrap_or("-"),
-                    table.service_count(),
-                    table.pair_count(),
-                    table.settings.own_env.as_ref().map_or("-", |e| e.as_str()),
-                );
-                self.counters = Counters::define();
-                self.table = Some(Rc::new(table));
-                true
-            }
-            Err(e) => {
-                log::error!("{e}");
-                false
-            }
-        }
+    fn on_configure(&mut self, size: usize) -> bool {
+        self.0.configure(&Wasm, size).accepted()
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let table = self.table.clone()?;
-        Some(Box::new(EnvlaneHttp {
-            table,
-            counters: self.counters,
-            explanation: None,
-        }))
+        // Always a context, even in pass-through: the SDK panics on None.
+        Some(Box::new(EnvlaneHttp(self.0.stream())))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -115,100 +274,18 @@ impl RootContext for EnvlaneRoot {
     }
 }
 
-/// `xds.node.metadata.<path>` as a string (Envoy ≥ 1.33 path).
-fn node_metadata(path: &[&str]) -> Option<String> {
-    let mut full = vec!["xds", "node", "metadata"];
-    full.extend_from_slice(path);
-    let bytes = hostcalls::get_property(full).ok().flatten()?;
-    String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
-}
-
-struct EnvlaneHttp {
-    table: Rc<RoutingTable>,
-    counters: Counters,
-    explanation: Option<String>,
-}
-
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_header_map_pairs(
-        map_type: u32,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> u32;
-}
-
-/// All request headers in proxy-wasm's serialized form, with one host call
-/// (read in place by [`HeaderMap`]). Empty when the host has none.
-///
-/// The SDK's `get_map`/`get_map_value` would copy every header into its own
-/// `String` and panic on a value that is not UTF-8, which a client can send.
-fn request_header_bytes() -> Vec<u8> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host writes a pointer it got from this module's
-    // `proxy_on_memory_allocate` (the SDK's: a boxed `[u8]` of exactly
-    // `size` bytes), or leaves it null. Ownership passes to us, as in the
-    // SDK's own `get_map`.
-    unsafe {
-        let status =
-            proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size);
-        if status == Status::Ok as u32 && !data.is_null() {
-            Vec::from_raw_parts(data, size, size)
-        } else {
-            Vec::new()
-        }
-    }
-}
+struct EnvlaneHttp(Stream);
 
 impl Context for EnvlaneHttp {}
 
 impl HttpContext for EnvlaneHttp {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let table = Rc::clone(&self.table);
-        let wire = request_header_bytes();
-        let Some(request) = HeaderMap::parse(&wire) else {
-            // Not expected from Envoy; still never let a client pick the cluster.
-            log::warn!("envlane: malformed request header map from the host");
-            let _ = hostcalls::remove_map_value(
-                MapType::HttpRequestHeaders,
-                &table.settings.route_header,
-            );
-            return Action::Continue;
-        };
-        let plan = plan(&table, &request);
-        let s = &table.settings;
-        let headers = MapType::HttpRequestHeaders;
-        if plan.strip_route_header {
-            let _ = hostcalls::remove_map_value(headers, &s.route_header);
-        }
-        if let Some(cluster) = plan.route_to_cluster {
-            let _ = hostcalls::set_map_value(headers, &s.route_header, Some(cluster));
-        }
-        if let Some(authority) = &plan.rewrite_authority {
-            let _ = hostcalls::set_map_value(headers, ":authority", Some(authority));
-        }
-        if let Some(env) = plan.inject_env {
-            let _ = hostcalls::set_map_value(headers, &s.env_header, Some(env));
-        }
-        if plan.changes_headers() {
-            // Envoy picked the route before this filter ran; make it pick again.
-            // Absent (NotFound) on hosts without the function: nothing to clear.
-            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
-        }
-        self.counters.count(plan.outcome, plan.invalid_env);
-        self.explanation = plan.explanation;
+        self.0.on_request_headers(&Wasm);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(text) = self.explanation.take() {
-            let _ = hostcalls::set_map_value(
-                MapType::HttpResponseHeaders,
-                DECISION_HEADER,
-                Some(&text),
-            );
-        }
+        self.0.on_response_headers(&Wasm);
         Action::Continue
     }
 }

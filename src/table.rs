@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig};
+use crate::limits::{MAX_PAIRS, MAX_TARGETS};
 use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
 
 /// Where the caller sidecar runs, from its node metadata.
@@ -35,6 +36,10 @@ pub struct Settings {
     pub mode: Mode,
     pub route_header: Box<str>,
     pub debug_header: Box<str>,
+    /// Explanations are given (`debug`).
+    pub debug: bool,
+    /// Runs at the mesh edge: strips, routes nothing (`edge`).
+    pub edge: bool,
     /// The caller's own env, when its label holds a valid one.
     pub own_env: Option<EnvName>,
     pub revision: Option<Box<str>>,
@@ -109,6 +114,8 @@ impl RoutingTable {
             mode: config.mode,
             route_header: header_name("routeHeader", &config.route_header)?,
             debug_header: header_name("debugHeader", &config.debug_header)?,
+            debug: config.debug,
+            edge: config.edge,
             own_env: own_env(&config.env_label, node, splitter)?,
             revision: config.revision.as_deref().map(Into::into),
         };
@@ -168,6 +175,7 @@ impl RoutingTable {
             BuildHasherDefault::default(),
         );
         let mut services = Vec::with_capacity(config.services.len());
+        check_sizes(config)?;
         let mut targets = Targets::sized_for(config, &subsets);
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
@@ -395,6 +403,33 @@ impl Targets {
     }
 }
 
+/// The pair and target limits, counted before the target buffer is sized.
+fn check_sizes(config: &PluginConfig) -> Result<(), ConfigError> {
+    let mut pairs = 0usize;
+    let mut targets = 0usize;
+    for s in &config.services {
+        let ports = match config.mode {
+            Mode::Cluster => s.ports.len(),
+            Mode::Host => 1,
+        };
+        pairs = pairs.saturating_add(s.envs.len());
+        targets = targets.saturating_add(s.envs.len().saturating_mul(ports));
+    }
+    if pairs > MAX_PAIRS {
+        return Err(ConfigError::new(
+            "services",
+            format!("{pairs} (service, env) pairs is over the limit of {MAX_PAIRS}"),
+        ));
+    }
+    if targets > MAX_TARGETS {
+        return Err(ConfigError::new(
+            "services",
+            format!("{targets} targets (pairs x ports) is over the limit of {MAX_TARGETS}"),
+        ));
+    }
+    Ok(())
+}
+
 fn decimal_len(n: u16) -> usize {
     match n {
         0..=9 => 1,
@@ -451,8 +486,26 @@ pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
         // A bare IPv6 address without brackets: no port.
         return Some((authority, None));
     }
-    let port = authority.get(port_at + 1..)?.parse().ok()?;
+    let port = parse_port(authority.get(port_at + 1..)?)?;
     Some((host, Some(port)))
+}
+
+/// A port as a URI writes it: ASCII digits only, no sign, no leading zero,
+/// 1-65535. (`str::parse` would take `+8080` and `08080`.)
+pub fn parse_port(text: &str) -> Option<u16> {
+    let bytes = text.as_bytes();
+    let (&first, _) = bytes.split_first()?;
+    if !(b'1'..=b'9').contains(&first) || bytes.len() > 5 {
+        return None;
+    }
+    let mut port: u32 = 0;
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        port = port * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(port).ok()
 }
 
 /// Header names are compared lower-case (Envoy lower-cases them).

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{alibaba, compile, config};
-use envlane::config::{parse, Mode, PluginConfig};
+use envlane::config::{parse, parse_forward_compatible, Mode, PluginConfig};
+use envlane::limits;
 use envlane::table::{Node, RoutingTable};
 
 fn check(json: &str) -> Result<RoutingTable, String> {
@@ -166,7 +167,7 @@ fn bad_fields_are_named_in_pretty_printed_json() {
         ),
         (
             "{\r\n  \"mode\": \"cluster\",\r\n  \"auto\\u0049njectz\": true\r\n}",
-            "auto\\u0049njectz",
+            "autoInjectz",
         ),
         ("{\n  \"services\": [\n    1\n  ]\n}", "services[0]"),
         ("[\n  {}\n]", "(document)"),
@@ -177,4 +178,88 @@ fn bad_fields_are_named_in_pretty_printed_json() {
             Err(e) => assert_eq!(e.field, *field, "{json}: {e}"),
         }
     }
+}
+
+/// A newer companion may add fields: the filter ignores and lists them, the
+/// strict parse (`envlane-sync render`/`validate`) names the first.
+#[test]
+fn unknown_fields_are_ignored_by_the_filter_and_refused_by_the_strict_parse() {
+    let json = br#"{"defaultEnv":"dev","futureKnob":{"a":[1]},"envs":[{"name":"dev","weight":2}],
+        "services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"tls":true}]}"#;
+    let lenient = parse_forward_compatible(json).unwrap();
+    assert_eq!(
+        lenient.unknown_fields,
+        ["futureKnob", "envs[0].weight", "services[0].tls"]
+    );
+    let table = RoutingTable::compile(&lenient.config, &Node::default()).unwrap();
+    assert_eq!(table.pair_count(), 1);
+    let strict = parse(json).unwrap_err();
+    assert_eq!(strict.field, "futureKnob");
+    assert!(strict.to_string().contains("unknown field"), "{strict}");
+}
+
+/// Every documented limit is checked, and named, before the table is built.
+#[test]
+fn limits_are_checked_before_allocating() {
+    let svc = |ports: &str, envs: &str| {
+        format!(
+            r#"{{"envs":[{{"name":"dev"}}],"services":[{{"host":"a.ns.svc.cluster.local","ports":[{ports}],"envs":[{envs}]}}]}}"#
+        )
+    };
+    let repeat = |item: &str, n: usize| vec![item; n].join(",");
+    // The 72 KB config that overflowed a capacity: port 8080 and env 0, 8,000 times each.
+    let cases: Vec<(String, &str, String)> = vec![
+        (
+            svc(&repeat("8080", 8000), &repeat("0", 8000)),
+            "services[0].ports",
+            format!("more than {} ports (limit)", limits::MAX_PORTS_PER_SERVICE),
+        ),
+        (
+            format!(
+                r#"{{"envAliases":[{}]}}"#,
+                repeat(r#"{"header":"x"}"#, limits::MAX_ALIASES + 1)
+            ),
+            "envAliases",
+            format!("more than {} aliases (limit)", limits::MAX_ALIASES),
+        ),
+        (
+            format!(
+                r#"{{"envs":[{}]}}"#,
+                repeat(r#"{"name":"a"}"#, limits::MAX_ENVS + 1)
+            ),
+            "envs",
+            format!("more than {} envs (limit)", limits::MAX_ENVS),
+        ),
+        (
+            svc("80", &repeat("0", limits::MAX_ENVS + 1)),
+            "services[0].envs",
+            format!("more than {} envs (limit)", limits::MAX_ENVS),
+        ),
+    ];
+    for (json, field, problem) in &cases {
+        let err = parse(json.as_bytes()).unwrap_err();
+        assert!(err.field.starts_with(field), "{}: {err}", &json[..80]);
+        assert!(err.problem.contains(problem.as_str()), "{err}");
+    }
+    // Under each list limit but over the pair and target limits.
+    let ports: Vec<u16> = (1..=64).collect();
+    let mut cfg = common::config(&[("a.ns.svc.cluster.local", 80, &["dev"])], None);
+    cfg.services[0].ports = ports;
+    cfg.services[0].envs = vec![0; limits::MAX_PAIRS / 4];
+    let err = RoutingTable::compile(&cfg, &Node::default()).unwrap_err();
+    assert!(err.problem.contains("over the limit of"), "{err}");
+    assert!(err.problem.contains("targets"), "{err}");
+    cfg.services = (0..5)
+        .map(|i| envlane::config::ServiceEntry {
+            host: format!("s{i}.ns.svc.cluster.local"),
+            ports: vec![80],
+            envs: vec![0; limits::MAX_PAIRS / 4],
+        })
+        .collect();
+    let err = RoutingTable::compile(&cfg, &Node::default()).unwrap_err();
+    assert!(err.problem.contains("pairs is over the limit"), "{err}");
+    // The byte limit: refused before parsing.
+    let big = vec![b' '; limits::MAX_CONFIG_BYTES + 1];
+    let err = parse(&big).unwrap_err();
+    assert!(err.problem.contains("over the limit"), "{err}");
 }

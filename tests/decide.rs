@@ -181,6 +181,7 @@ fn whole_segments_never_prefix_match() {
 #[test]
 fn env_sources_in_order_and_invalid_values_skipped() {
     let mut cfg = alibaba(Mode::Cluster);
+    cfg.debug = true;
     cfg.baggage_key = Some("lane".into());
     cfg.env_aliases = vec![
         EnvAlias {
@@ -375,6 +376,15 @@ fn multi_port_services_pick_the_port_of_the_request() {
         ("api", Some(80)),
         ("api:8080", Some(8080)),
         ("api:1", None),
+        // Ports are ASCII digits only: no sign, no leading zero, no blanks.
+        ("api:+8080", None),
+        ("api:08080", None),
+        ("api:0", None),
+        ("api:65616", None),
+        ("api:8080 ", None),
+        ("api: 8080", None),
+        ("api:", None),
+        ("api:\u{663}", None),
     ];
     for (authority, port) in cases {
         let p = plan(
@@ -401,7 +411,16 @@ fn no_default_and_no_match_leaves_the_request_alone() {
 
 #[test]
 fn debug_explanation_names_env_chain_and_target() {
-    let table = compile(&alibaba(Mode::Cluster), "demo", None);
+    let quiet = compile(&alibaba(Mode::Cluster), "demo", None);
+    let asked = MapHeaders::new(&[(":authority", "go:8080"), ("x-envlane-debug", "1")]);
+    assert_eq!(
+        plan(&quiet, &asked).explanation,
+        None,
+        "explanations are off unless the config turns them on"
+    );
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.debug = true;
+    let table = compile(&cfg, "demo", None);
     let p = plan(
         &table,
         &MapHeaders::new(&[

@@ -1,0 +1,287 @@
+//! What the filter does at each host callback, written against [`Host`]: the
+//! few host calls it needs. `filter.rs` implements `Host` with proxy-wasm (the
+//! only module that touches it); tests drive this module with a fake host
+//! that fails, omits and oversizes at will.
+
+use std::rc::Rc;
+
+use crate::config::{self, DECISION_HEADER, ROUTE_STATE_PROPERTY};
+use crate::decide::{plan, Outcome};
+use crate::edge::{edge_plan, Rewrite};
+use crate::limits::MAX_CONFIG_BYTES;
+use crate::table::{Node, RoutingTable};
+use crate::wire::HeaderMap;
+
+/// The host calls the filter makes. Each reports failure as `None`/`false`;
+/// none may panic.
+pub trait Host {
+    /// The plugin configuration (`size` bytes, as announced by the host).
+    fn plugin_config(&self, size: usize) -> Option<Vec<u8>>;
+    /// A property such as `["xds", "node", "metadata", "NAMESPACE"]`.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// All request headers, serialized (see [`crate::wire`]).
+    fn request_headers(&self) -> Option<Vec<u8>>;
+    fn remove_request_header(&self, name: &str) -> bool;
+    fn set_request_header(&self, name: &str, value: &[u8]) -> bool;
+    fn set_response_header(&self, name: &str, value: &[u8]) -> bool;
+    /// Writes filter state `wasm.<name>` (only inside a stream).
+    fn set_filter_state(&self, name: &str, value: &[u8]) -> bool;
+    /// Makes Envoy pick the route again after the headers changed.
+    fn clear_route_cache(&self);
+    fn define_counter(&self, name: &str) -> Option<u32>;
+    fn increment(&self, id: u32);
+    /// Data shared by every VM of this plugin in the Envoy process.
+    fn shared_data(&self, key: &str) -> Option<Vec<u8>>;
+    fn set_shared_data(&self, key: &str, value: &[u8]) -> bool;
+}
+
+/// Counter names (Envoy shows them as `wasmcustom.<name>`).
+pub const COUNTER_INVALID_ENV: &str = "envlane.env.invalid";
+pub const COUNTER_CONFIG_UNKNOWN_FIELDS: &str = "envlane.config.unknown_fields";
+pub const COUNTER_CONFIG_INVALID: &str = "envlane.config.invalid";
+pub const COUNTER_ROUTE_FAILED: &str = "envlane.route.failed";
+pub const COUNTER_EDGE_STRIPPED: &str = "envlane.edge.stripped";
+
+/// Envoy's counter ids.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    outcomes: [Option<u32>; 4],
+    invalid_env: Option<u32>,
+    unknown_fields: Option<u32>,
+    config_invalid: Option<u32>,
+    route_failed: Option<u32>,
+    edge_stripped: Option<u32>,
+}
+
+impl Counters {
+    fn define(host: &impl Host) -> Self {
+        let mut c = Self::default();
+        for (slot, outcome) in c.outcomes.iter_mut().zip(Outcome::ALL) {
+            *slot = host.define_counter(&format!("envlane.decision.{}", outcome.as_str()));
+        }
+        c.invalid_env = host.define_counter(COUNTER_INVALID_ENV);
+        c.unknown_fields = host.define_counter(COUNTER_CONFIG_UNKNOWN_FIELDS);
+        c.config_invalid = host.define_counter(COUNTER_CONFIG_INVALID);
+        c.route_failed = host.define_counter(COUNTER_ROUTE_FAILED);
+        c.edge_stripped = host.define_counter(COUNTER_EDGE_STRIPPED);
+        c
+    }
+
+    fn bump(host: &impl Host, id: Option<u32>) {
+        if let Some(id) = id {
+            host.increment(id);
+        }
+    }
+
+    fn outcome(&self, host: &impl Host, outcome: Outcome) {
+        let at = Outcome::ALL.iter().position(|o| *o == outcome);
+        Self::bump(
+            host,
+            at.and_then(|i| self.outcomes.get(i).copied().flatten()),
+        );
+    }
+}
+
+/// The plugin's state between configs.
+#[derive(Default)]
+pub struct Root {
+    /// `None`: pass-through (no valid config yet).
+    table: Option<Rc<RoutingTable>>,
+    counters: Counters,
+}
+
+/// What `configure` did, for the caller's return value and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Configured {
+    /// A valid table is in use.
+    Loaded,
+    /// The first config is invalid: accepted as pass-through, so the sidecar
+    /// routes as if envlane were not installed instead of failing requests.
+    PassThrough,
+    /// An invalid update: refused, so Envoy keeps the last good table.
+    Refused,
+}
+
+impl Configured {
+    /// The answer to Envoy's `on_configure`.
+    pub fn accepted(self) -> bool {
+        !matches!(self, Self::Refused)
+    }
+}
+
+/// Shared-data key that records that this plugin loaded a good table in this
+/// Envoy process. Envoy checks every new config on a fresh VM, so VM state
+/// cannot tell a first config from an update; process-wide shared data can.
+fn loaded_key(host: &impl Host) -> String {
+    let name = host.property(&["plugin_name"]).unwrap_or_default();
+    format!("envlane.loaded.{}", String::from_utf8_lossy(&name))
+}
+
+/// `xds.node.metadata.<path>` as text (Envoy ≥ 1.33 path).
+fn node_metadata(host: &impl Host, path: &[&str]) -> Option<String> {
+    let mut full = vec!["xds", "node", "metadata"];
+    full.extend_from_slice(path);
+    let bytes = host.property(&full)?;
+    String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
+}
+
+impl Root {
+    pub fn configure(&mut self, host: &impl Host, size: usize) -> Configured {
+        self.counters = Counters::define(host);
+        let compiled = if size > MAX_CONFIG_BYTES {
+            // Refused before the host copies it into this VM.
+            Err(config::too_big(size))
+        } else {
+            let raw = host.plugin_config(size).unwrap_or_default();
+            let parsed = config::parse_forward_compatible(&raw);
+            // The JSON text is not needed while compiling: free it first (a
+            // 100k-pair table is a 1 MB text; linear memory never shrinks).
+            drop(raw);
+            parsed.and_then(|parsed| {
+                let node = Node {
+                    namespace: node_metadata(host, &["NAMESPACE"]),
+                    env_label: node_metadata(host, &["LABELS", &parsed.config.env_label]),
+                };
+                RoutingTable::compile(&parsed.config, &node).map(|t| (t, parsed.unknown_fields))
+            })
+        };
+        let key = loaded_key(host);
+        match compiled {
+            Ok((table, unknown)) => {
+                if !unknown.is_empty() {
+                    log::warn!(
+                        "envlane: ignoring config fields this version does not know: {}",
+                        unknown.join(", ")
+                    );
+                    if let Some(id) = self.counters.unknown_fields {
+                        host.increment(id);
+                    }
+                }
+                log::info!(
+                    "envlane: loaded table revision={} services={} pairs={} own_env={}{}",
+                    table.settings.revision.as_deref().unwrap_or("-"),
+                    table.service_count(),
+                    table.pair_count(),
+                    table.settings.own_env.as_ref().map_or("-", |e| e.as_str()),
+                    if table.settings.edge { " edge" } else { "" },
+                );
+                let _ = host.set_shared_data(&key, b"1");
+                self.table = Some(Rc::new(table));
+                Configured::Loaded
+            }
+            Err(e) => {
+                Counters::bump(host, self.counters.config_invalid);
+                if host.shared_data(&key).is_some_and(|v| v == b"1") {
+                    log::error!("{e}; refused, the last good table stays in use");
+                    Configured::Refused
+                } else {
+                    log::error!("{e}; routing nothing (pass-through) until a valid config arrives");
+                    self.table = None;
+                    Configured::PassThrough
+                }
+            }
+        }
+    }
+
+    /// The state of a new stream.
+    pub fn stream(&self) -> Stream {
+        Stream {
+            table: self.table.clone(),
+            counters: self.counters,
+            explanation: None,
+        }
+    }
+}
+
+/// One HTTP stream.
+pub struct Stream {
+    table: Option<Rc<RoutingTable>>,
+    counters: Counters,
+    explanation: Option<String>,
+}
+
+impl Stream {
+    pub fn on_request_headers(&mut self, host: &impl Host) {
+        let Some(table) = self.table.clone() else {
+            return;
+        };
+        let Some(wire) = host.request_headers() else {
+            return;
+        };
+        let Some(request) = HeaderMap::parse(&wire) else {
+            // Not expected from Envoy. Nothing is routed: envlane's route only
+            // matches filter state this filter writes.
+            log::warn!("envlane: malformed request header map from the host");
+            return;
+        };
+        if table.settings.edge {
+            self.strip_at_edge(host, &table, &request);
+            return;
+        }
+        let plan = plan(&table, &request);
+        let s = &table.settings;
+        let mut changed = false;
+        let mut route_ok = true;
+        if plan.strip_route_header {
+            route_ok = host.remove_request_header(&s.route_header);
+            changed = true;
+        }
+        if let Some(cluster) = plan.route_to_cluster {
+            // The header names the cluster, the filter state opens envlane's
+            // route: only this filter writes `wasm.*` state, so a client
+            // header alone never selects a cluster.
+            route_ok = route_ok
+                && host.set_request_header(&s.route_header, cluster.as_bytes())
+                && host.set_filter_state(ROUTE_STATE_PROPERTY, cluster.as_bytes());
+            if !route_ok {
+                Counters::bump(host, self.counters.route_failed);
+                let _ = host.remove_request_header(&s.route_header);
+            }
+            changed = true;
+        }
+        if let Some(authority) = &plan.rewrite_authority {
+            changed |= host.set_request_header(":authority", authority.as_bytes());
+        }
+        if let Some(env) = plan.inject_env {
+            changed |= host.set_request_header(&s.env_header, env.as_bytes());
+        }
+        if changed {
+            // Envoy picked the route before this filter ran; make it pick again.
+            host.clear_route_cache();
+        }
+        self.counters.outcome(host, plan.outcome);
+        if plan.invalid_env {
+            Counters::bump(host, self.counters.invalid_env);
+        }
+        self.explanation = plan.explanation;
+    }
+
+    fn strip_at_edge(&self, host: &impl Host, table: &RoutingTable, request: &HeaderMap<'_>) {
+        let plan = edge_plan(table, request);
+        if plan.is_empty() {
+            return;
+        }
+        for name in &plan.remove {
+            let _ = host.remove_request_header(name);
+        }
+        for (name, rewrite) in [("baggage", &plan.baggage), ("cookie", &plan.cookie)] {
+            match rewrite {
+                Rewrite::Keep => {}
+                Rewrite::Remove => {
+                    let _ = host.remove_request_header(name);
+                }
+                Rewrite::Set(value) => {
+                    let _ = host.set_request_header(name, value.as_bytes());
+                }
+            }
+        }
+        host.clear_route_cache();
+        Counters::bump(host, self.counters.edge_stripped);
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl Host) {
+        if let Some(text) = self.explanation.take() {
+            let _ = host.set_response_header(DECISION_HEADER, text.as_bytes());
+        }
+    }
+}

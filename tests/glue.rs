@@ -1,0 +1,508 @@
+//! The filter's callbacks driven by a fake host: every host call can fail,
+//! properties can be absent and values oversized. Nothing panics, nothing
+//! routes unless the filter itself chose, a bad config never fails requests.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+mod common;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use common::alibaba;
+use envlane::config::{Mode, ROUTE_STATE_PROPERTY};
+use envlane::glue::{
+    Configured, Host, Root, COUNTER_CONFIG_INVALID, COUNTER_CONFIG_UNKNOWN_FIELDS,
+    COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV, COUNTER_ROUTE_FAILED,
+};
+use envlane::wire::HeaderMap;
+
+/// Which host calls fail.
+#[derive(Default, Clone, Copy)]
+struct Failing {
+    config: bool,
+    properties: bool,
+    headers: bool,
+    writes: bool,
+    filter_state: bool,
+    counters: bool,
+    shared: bool,
+}
+
+impl Failing {
+    fn all() -> Self {
+        Self {
+            config: true,
+            properties: true,
+            headers: true,
+            writes: true,
+            filter_state: true,
+            counters: true,
+            shared: true,
+        }
+    }
+}
+
+/// A host with one stream's request headers. `shared` stands for Envoy's
+/// process-wide shared data: hand the same one to the fake of a later VM.
+#[derive(Default)]
+struct Fake {
+    config: Vec<u8>,
+    properties: HashMap<String, Vec<u8>>,
+    request: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Raw bytes to hand out instead of `request` (malformed maps).
+    raw_request: Option<Vec<u8>>,
+    response: RefCell<Vec<(String, Vec<u8>)>>,
+    filter_state: RefCell<HashMap<String, Vec<u8>>>,
+    route_cache_cleared: RefCell<usize>,
+    counters: RefCell<Vec<(String, u64)>>,
+    shared: Rc<RefCell<HashMap<String, Vec<u8>>>>,
+    config_reads: RefCell<usize>,
+    fail: Failing,
+}
+
+impl Fake {
+    fn new(config: &str) -> Self {
+        let mut fake = Self {
+            config: config.as_bytes().to_vec(),
+            ..Self::default()
+        };
+        fake.properties
+            .insert("xds\0node\0metadata\0NAMESPACE".into(), b"demo".to_vec());
+        fake.properties
+            .insert("plugin_name".into(), b"envlane".to_vec());
+        fake
+    }
+
+    fn with_request(self, headers: &[(&str, &[u8])]) -> Self {
+        *self.request.borrow_mut() = headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect();
+        self
+    }
+
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.request
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.clone())
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    fn routed_to(&self) -> Option<String> {
+        self.filter_state
+            .borrow()
+            .get(ROUTE_STATE_PROPERTY)
+            .map(|v| String::from_utf8(v.clone()).unwrap())
+    }
+}
+
+impl Host for Fake {
+    fn plugin_config(&self, size: usize) -> Option<Vec<u8>> {
+        *self.config_reads.borrow_mut() += 1;
+        assert!(size <= self.config.len().max(size));
+        (!self.fail.config).then(|| self.config.clone())
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if self.fail.properties {
+            return None;
+        }
+        self.properties.get(&path.join("\0")).cloned()
+    }
+
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        if self.fail.headers {
+            return None;
+        }
+        if let Some(raw) = &self.raw_request {
+            return Some(raw.clone());
+        }
+        let pairs = self.request.borrow();
+        Some(HeaderMap::encode(
+            pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+        ))
+    }
+
+    fn remove_request_header(&self, name: &str) -> bool {
+        if self.fail.writes {
+            return false;
+        }
+        self.request
+            .borrow_mut()
+            .retain(|(k, _)| k != name.as_bytes());
+        true
+    }
+
+    fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
+        if self.fail.writes {
+            return false;
+        }
+        let mut request = self.request.borrow_mut();
+        request.retain(|(k, _)| k != name.as_bytes());
+        request.push((name.as_bytes().to_vec(), value.to_vec()));
+        true
+    }
+
+    fn set_response_header(&self, name: &str, value: &[u8]) -> bool {
+        if self.fail.writes {
+            return false;
+        }
+        self.response
+            .borrow_mut()
+            .push((name.into(), value.to_vec()));
+        true
+    }
+
+    fn set_filter_state(&self, name: &str, value: &[u8]) -> bool {
+        if self.fail.filter_state {
+            return false;
+        }
+        self.filter_state
+            .borrow_mut()
+            .insert(name.into(), value.to_vec());
+        true
+    }
+
+    fn clear_route_cache(&self) {
+        *self.route_cache_cleared.borrow_mut() += 1;
+    }
+
+    fn define_counter(&self, name: &str) -> Option<u32> {
+        if self.fail.counters {
+            return None;
+        }
+        let mut counters = self.counters.borrow_mut();
+        let id = match counters.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                counters.push((name.into(), 0));
+                counters.len() - 1
+            }
+        };
+        u32::try_from(id).ok()
+    }
+
+    fn increment(&self, id: u32) {
+        if let Some((_, v)) = self.counters.borrow_mut().get_mut(id as usize) {
+            *v += 1;
+        }
+    }
+
+    fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
+        if self.fail.shared {
+            return None;
+        }
+        self.shared.borrow().get(key).cloned()
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8]) -> bool {
+        if self.fail.shared {
+            return false;
+        }
+        self.shared.borrow_mut().insert(key.into(), value.to_vec());
+        true
+    }
+}
+
+fn alibaba_json() -> String {
+    serde_json::to_string(&alibaba(Mode::Cluster)).unwrap()
+}
+
+/// Configures a fresh VM on `host`, then runs one stream through it.
+fn run(host: &Fake) -> Configured {
+    let mut root = Root::default();
+    let configured = root.configure(host, host.config.len());
+    let mut stream = root.stream();
+    stream.on_request_headers(host);
+    stream.on_response_headers(host);
+    configured
+}
+
+const JAVA: &[(&str, &[u8])] = &[
+    (":authority", b"java:8080"),
+    ("x-virtual-env", b"dev.proj1"),
+];
+
+#[test]
+fn routes_by_filter_state_and_header_together() {
+    let host = Fake::new(&alibaba_json()).with_request(&[
+        (":authority", b"java:8080"),
+        ("x-virtual-env", b"dev.proj1"),
+        (
+            "x-envlane-cluster",
+            b"outbound|8080|evil|java.demo.svc.cluster.local",
+        ),
+    ]);
+    assert_eq!(run(&host), Configured::Loaded);
+    let chosen = host.routed_to().expect("filter state written");
+    assert!(
+        chosen.starts_with("outbound|8080|") && !chosen.contains("evil"),
+        "{chosen}"
+    );
+    assert_eq!(host.header("x-envlane-cluster"), Some(chosen.into_bytes()));
+    assert_eq!(*host.route_cache_cleared.borrow(), 1);
+    assert_eq!(host.counter("envlane.decision.exact"), 1);
+}
+
+#[test]
+fn a_bad_first_config_passes_through_and_a_bad_update_is_refused() {
+    let shared = Rc::new(RefCell::new(HashMap::new()));
+    let bad =
+        r#"{"envs":[{"name":"dev"}],"services":[{"host":"BAD HOST","ports":[80],"envs":[0]}]}"#;
+    let mut first = Fake::new(bad).with_request(JAVA);
+    first.shared = shared.clone();
+    assert_eq!(run(&first), Configured::PassThrough);
+    assert!(
+        Configured::PassThrough.accepted(),
+        "Envoy must take it, or every request fails"
+    );
+    assert_eq!(first.routed_to(), None);
+    assert_eq!(
+        first.header("x-virtual-env").as_deref(),
+        Some(&b"dev.proj1"[..])
+    );
+    assert_eq!(*first.route_cache_cleared.borrow(), 0, "request untouched");
+    assert_eq!(first.counter(COUNTER_CONFIG_INVALID), 1);
+
+    let mut good = Fake::new(&alibaba_json()).with_request(JAVA);
+    good.shared = shared.clone();
+    assert_eq!(run(&good), Configured::Loaded);
+    assert!(good.routed_to().is_some());
+
+    // Envoy checks an update on a fresh VM: only shared data remembers.
+    let mut update = Fake::new(bad).with_request(JAVA);
+    update.shared = shared;
+    assert_eq!(run(&update), Configured::Refused);
+    assert!(
+        !Configured::Refused.accepted(),
+        "Envoy keeps the last good config"
+    );
+}
+
+#[test]
+fn unknown_fields_are_ignored_counted_and_routing_goes_on() {
+    let mut cfg: serde_json::Value = serde_json::from_str(&alibaba_json()).unwrap();
+    cfg["newSetting"] = serde_json::json!({"x": 1});
+    cfg["services"][0]["weight"] = serde_json::json!(5);
+    let host = Fake::new(&cfg.to_string()).with_request(JAVA);
+    assert_eq!(run(&host), Configured::Loaded);
+    assert_eq!(host.counter(COUNTER_CONFIG_UNKNOWN_FIELDS), 1);
+    assert!(host.routed_to().is_some());
+}
+
+#[test]
+fn an_oversized_config_is_refused_before_it_is_read() {
+    let host = Fake::new("{}");
+    let mut root = Root::default();
+    let configured = root.configure(&host, envlane::limits::MAX_CONFIG_BYTES + 1);
+    assert_eq!(configured, Configured::PassThrough);
+    assert_eq!(*host.config_reads.borrow(), 0);
+}
+
+/// Each host call failing alone, then all together: no panic, and the route
+/// is never opened unless both the header and the filter state were written.
+#[test]
+fn every_host_call_failing() {
+    let cases: &[(&str, Failing, Option<bool>)] = &[
+        // (what fails, failures, routed?: None = not even decided)
+        ("nothing", Failing::default(), Some(true)),
+        (
+            "config",
+            Failing {
+                config: true,
+                ..Default::default()
+            },
+            None,
+        ),
+        // No namespace from node metadata: the short name `java` is unknown.
+        (
+            "properties",
+            Failing {
+                properties: true,
+                ..Default::default()
+            },
+            None,
+        ),
+        (
+            "headers",
+            Failing {
+                headers: true,
+                ..Default::default()
+            },
+            None,
+        ),
+        (
+            "writes",
+            Failing {
+                writes: true,
+                ..Default::default()
+            },
+            Some(false),
+        ),
+        (
+            "filter state",
+            Failing {
+                filter_state: true,
+                ..Default::default()
+            },
+            Some(false),
+        ),
+        (
+            "counters",
+            Failing {
+                counters: true,
+                ..Default::default()
+            },
+            Some(true),
+        ),
+        (
+            "shared data",
+            Failing {
+                shared: true,
+                ..Default::default()
+            },
+            Some(true),
+        ),
+        ("everything", Failing::all(), None),
+    ];
+    for (what, fail, routed) in cases {
+        let mut host = Fake::new(&alibaba_json()).with_request(JAVA);
+        host.fail = *fail;
+        let configured = run(&host);
+        assert!(configured.accepted(), "{what}");
+        let state = host.routed_to();
+        match routed {
+            Some(true) => assert!(state.is_some(), "{what}"),
+            _ => assert_eq!(state, None, "{what}"),
+        }
+        if *routed == Some(false) {
+            if !fail.writes {
+                assert_eq!(
+                    host.header("x-envlane-cluster"),
+                    None,
+                    "{what}: header withdrawn"
+                );
+            }
+            if !fail.counters {
+                assert_eq!(host.counter(COUNTER_ROUTE_FAILED), 1, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn absent_malformed_and_oversized_inputs() {
+    // No node metadata at all: no namespace (short names unknown), no label.
+    let mut host = Fake::new(&alibaba_json())
+        .with_request(&[(":authority", b"java.demo:8080"), ("x-virtual-env", b"dev")]);
+    host.properties.clear();
+    run(&host);
+    assert!(host.routed_to().is_some());
+
+    // A header map the host garbled.
+    let mut host = Fake::new(&alibaba_json());
+    host.raw_request = Some(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    run(&host);
+    assert_eq!(host.routed_to(), None);
+
+    // A megabyte env value, 10,000 headers, a megabyte label.
+    let big = vec![b'a'; 1 << 20];
+    let mut headers: Vec<(String, Vec<u8>)> = (0..10_000)
+        .map(|i| (format!("x-h{i}"), b"v".to_vec()))
+        .collect();
+    headers.push((":authority".into(), b"java:8080".to_vec()));
+    headers.push(("x-virtual-env".into(), big.clone()));
+    let refs: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let mut host = Fake::new(&alibaba_json()).with_request(&refs);
+    host.properties
+        .insert("xds\0node\0metadata\0LABELS\0virtual-env".into(), big);
+    run(&host);
+    assert_eq!(host.counter(COUNTER_INVALID_ENV), 1);
+    assert_eq!(host.counter("envlane.decision.default"), 1);
+}
+
+#[test]
+fn debug_explanation_only_when_enabled() {
+    for debug in [false, true] {
+        let mut cfg = alibaba(Mode::Cluster);
+        cfg.debug = debug;
+        let host = Fake::new(&serde_json::to_string(&cfg).unwrap())
+            .with_request(&[(":authority", b"java:8080"), ("x-envlane-debug", b"1")]);
+        run(&host);
+        let answered = host
+            .response
+            .borrow()
+            .iter()
+            .any(|(n, _)| n == "x-envlane-decision");
+        assert_eq!(answered, debug);
+    }
+}
+
+#[test]
+fn edge_strips_what_outsiders_must_not_set() {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.edge = true;
+    cfg.debug = true;
+    cfg.baggage_key = Some("lane".into());
+    cfg.env_aliases = vec![
+        envlane::config::EnvAlias {
+            header: Some("x-lane".into()),
+            cookie: None,
+        },
+        envlane::config::EnvAlias {
+            header: None,
+            cookie: Some("VirtualEnv".into()),
+        },
+    ];
+    let host = Fake::new(&serde_json::to_string(&cfg).unwrap()).with_request(&[
+        (":authority", b"java:8080"),
+        ("x-virtual-env", b"dev.proj1"),
+        (
+            "x-envlane-cluster",
+            b"outbound|8080|x|java.demo.svc.cluster.local",
+        ),
+        ("x-envlane-debug", b"1"),
+        ("x-lane", b"dev.proj1"),
+        ("baggage", b"user=7, lane=dev.proj1;p=1, other=2"),
+        ("cookie", b"session=abc; VirtualEnv=dev.proj1"),
+    ]);
+    run(&host);
+    for gone in [
+        "x-virtual-env",
+        "x-envlane-cluster",
+        "x-envlane-debug",
+        "x-lane",
+    ] {
+        assert_eq!(host.header(gone), None, "{gone}");
+    }
+    assert_eq!(
+        host.header("baggage").as_deref(),
+        Some(&b"user=7, other=2"[..])
+    );
+    assert_eq!(host.header("cookie").as_deref(), Some(&b"session=abc"[..]));
+    assert_eq!(host.routed_to(), None, "the edge routes nothing");
+    assert!(
+        host.response.borrow().is_empty(),
+        "no explanation at the edge"
+    );
+    assert_eq!(host.counter(COUNTER_EDGE_STRIPPED), 1);
+
+    // Nothing to strip: nothing touched.
+    let clean = Fake::new(&serde_json::to_string(&cfg).unwrap())
+        .with_request(&[(":authority", b"java:8080"), ("baggage", b"user=7")]);
+    run(&clean);
+    assert_eq!(*clean.route_cache_cleared.borrow(), 0);
+    assert_eq!(clean.header("baggage").as_deref(), Some(&b"user=7"[..]));
+}
