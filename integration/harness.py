@@ -7,7 +7,8 @@ a client pod:
 * node metadata `NAMESPACE` and `LABELS` (read by the filter as
   `xds.node.metadata.*`);
 * one outbound listener whose route config has a virtual host per service
-  (all its short and long names), with envlane's `cluster_header` route first;
+  (all its short and long names), with envlane's route first (taken only on
+  the filter state the filter writes);
 * clusters named `outbound|PORT|SUBSET|FQDN` (one per env pod) plus the
   subset-less `outbound|PORT||FQDN`;
 * the envlane filter delivered by file-based extension config discovery
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "dist" / "envlane.wasm"
 TESTAPP = ROOT / "target" / "release" / "envlane-testapp"
 ROUTE_HEADER = "x-envlane-cluster"
+ROUTE_STATE_KEY = "wasm.envlane_route"
 NAMESPACE = "demo"
 DOMAIN = "cluster.local"
 
@@ -158,7 +160,10 @@ def wasm_filter_ecds(ecds_path: Path) -> dict:
                 "path_config_source": {"path": str(ecds_path)},
                 "resource_api_version": "V3",
             },
-            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+            "type_urls": [
+                "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            ],
         },
     }
 
@@ -253,7 +258,25 @@ def envlane_route() -> dict:
     (patch,) = [p for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_ROUTE"]
     route = patch["patch"]["value"]
     assert route["route"]["cluster_header"] == ROUTE_HEADER
+    assert [m["key"] for m in route["match"]["filter_state"]] == [ROUTE_STATE_KEY]
     return route
+
+
+def noop_filter_ecds() -> str:
+    """What stands in the envlane filter's place when a FAIL_OPEN module is
+    skipped: an HTTP filter that lets everything through (allow-all RBAC)."""
+    return json.dumps(
+        {
+            "version_info": str(time.time_ns()),
+            "resources": [
+                {
+                    "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                    "name": "envlane",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"},
+                }
+            ],
+        }
+    )
 
 
 class Process:
@@ -368,6 +391,10 @@ class Mesh:
     sidecars: dict[str, Envoy] = field(default_factory=dict)
     apps: dict[str, App] = field(default_factory=dict)
     client_port: int = 0
+    # "wasm": the envlane filter; "absent": no filter (a namespace that did not
+    # opt in); "skipped": a no-op filter in its place (a FAIL_OPEN module that
+    # failed to load).
+    filter: str = "wasm"
 
     @property
     def ecds_path(self) -> Path:
@@ -415,8 +442,11 @@ class Mesh:
 
     def _start(self) -> None:
         topo = self.topology
-        self.push(self.plugin_config)
-        filters = [wasm_filter_ecds(self.ecds_path)]
+        if self.filter == "skipped":
+            write_atomically(self.ecds_path, noop_filter_ecds())
+        else:
+            self.push(self.plugin_config)
+        filters = [] if self.filter == "absent" else [wasm_filter_ecds(self.ecds_path)]
         # Leaves first, so every caller knows its callee's ports.
         app_ports: dict[tuple[str, str], int] = {}
         sidecar_ports: dict[str, int] = {}

@@ -46,6 +46,7 @@ OPT_IN_LABEL = "envlane.io/enabled"
 ENV_LABEL = "virtual-env"
 ENV_HEADER = "x-virtual-env"
 ROUTE_HEADER = "x-envlane-cluster"
+ROUTE_STATE_KEY = "wasm.envlane_route"
 DEBUG_HEADER = "x-envlane-debug"
 PLUGIN_NAME = "envlane"
 SYNC = "envlane-sync"
@@ -326,7 +327,10 @@ def traffic_extension(pins: dict) -> dict:
 def envoy_filter(pins: dict) -> dict:
     route = {
         "name": "envlane",
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
+        # Taken only when the filter wrote its filter state (wasm.envlane_route,
+        # the chosen cluster): no client header alone opens this route, also
+        # where the filter is absent, skipped or not opted in.
+        "match": {"prefix": "/", "filter_state": [{"key": ROUTE_STATE_KEY, "string_match": {"prefix": "outbound|"}}]},
         # The internal header names the cluster; it never reaches the upstream.
         "request_headers_to_remove": [ROUTE_HEADER],
         "route": {
@@ -551,16 +555,18 @@ COMMENTS = {
 # (see wasmplugin.yaml). Use one of the two kinds, not both.
 """,
     "base/envoyfilter.yaml": """\
-# Cluster mode: the route that obeys x-envlane-cluster.
+# Cluster mode: the route that sends a request to the cluster the filter chose.
 # HTTP_ROUTE + INSERT_FIRST with a routeConfiguration.vhost match that names no
 # route puts this route FIRST in every virtual host of every outbound route
-# configuration (SIDECAR_OUTBOUND). It is only taken when the filter set the
-# header; every other request falls through to Istio's own routes.
+# configuration (SIDECAR_OUTBOUND). It matches only filter state
+# wasm.envlane_route, which only the envlane filter writes (with the cluster it
+# chose, also named in x-envlane-cluster): a client header alone never opens
+# it, also in namespaces without the filter or where the module was skipped.
+# Every other request falls through to Istio's own routes.
 # (A VIRTUAL_HOST MERGE would append the route AFTER Istio's catch-all route,
 # where it is never reached: proto merge appends lists.)
 # In the Istio root namespace (istio-system by default: meshConfig.rootNamespace)
-# it applies mesh-wide; the filter strips x-envlane-cluster from incoming
-# requests wherever it runs. Requests routed this way skip VirtualService route
+# it applies mesh-wide. Requests routed this way skip VirtualService route
 # rules (timeouts, retries, faults, mirrors); DestinationRule policies still apply.
 # Host mode needs no EnvoyFilter: see overlays/host-mode.
 """,
