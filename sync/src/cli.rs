@@ -1,5 +1,6 @@
 //! Command line: `envlane-sync [FLAGS]` runs the controller,
-//! `envlane-sync render -f FILE [FLAGS]` prints what it would apply.
+//! `envlane-sync render -f FILE [FLAGS]` prints what it would apply,
+//! `envlane-sync validate FILE` checks a plugin config strictly.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,17 @@ pub enum Command {
     /// as multi-document YAML on stdout. Input: `kubectl get ns,pods,svc -A
     /// -o yaml` (or `-o json`) output.
     Render(RenderArgs),
+    /// Check a plugin config (the WasmPlugin's pluginConfig, JSON or YAML)
+    /// strictly: unknown fields, limits and every check the filter makes.
+    /// Prints one line; exits non-zero when the config is invalid.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The config file (`-` for stdin).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 /// Flags shared by the controller and `render`.

@@ -119,6 +119,29 @@ pub fn parse_settings(text: &str) -> Result<PluginConfig, String> {
     Ok(config)
 }
 
+/// The strict check of a whole plugin config (JSON or YAML): what the filter
+/// checks, plus unknown fields (the filter ignores them; this refuses them).
+/// Returns a one-line summary.
+pub fn validate_plugin_config(text: &str) -> Result<String, String> {
+    let docs = parse_documents(text)?;
+    let value = match docs.as_slice() {
+        [one] if one.is_object() => one.clone(),
+        [_] => return Err("expected a mapping".into()),
+        _ => return Err("expected one document".into()),
+    };
+    let bytes = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    let config = envlane::config::parse(&bytes).map_err(|e| e.to_string())?;
+    let table = envlane::table::RoutingTable::compile(&config, &Default::default())
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "valid: {} services, {} envs, {} (service, env) pairs, mode {:?}",
+        table.service_count(),
+        config.envs.len(),
+        table.pair_count(),
+        config.mode
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

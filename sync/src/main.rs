@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use envlane_sync::cli::{Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs};
+use envlane_sync::cli::{Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs, ValidateArgs};
 use envlane_sync::controller::LoopConfig;
 use envlane_sync::metrics::Metrics;
 use envlane_sync::{input, kube_io, output, render, server};
@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Render(args)) => render_cmd(&args),
+        Some(Command::Validate(args)) => validate_cmd(&args),
         Some(Command::Run(args)) => run_cmd(args),
         None => run_cmd(cli.run),
     };
@@ -39,18 +40,30 @@ fn init_logging(common: &CommonArgs) -> Result<(), String> {
     done.map_err(|e| format!("logging: {e}"))
 }
 
-fn render_cmd(args: &RenderArgs) -> Result<(), String> {
-    init_logging(&args.common)?;
-    let opts = args.common.render_options()?;
-    let text = if args.file.as_os_str() == "-" {
+fn read_input(file: &std::path::Path) -> Result<String, String> {
+    if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
             .map_err(|e| format!("stdin: {e}"))?;
-        s
+        Ok(s)
     } else {
-        std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?
-    };
+        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))
+    }
+}
+
+fn validate_cmd(args: &ValidateArgs) -> Result<(), String> {
+    let text = read_input(&args.file)?;
+    let summary = input::validate_plugin_config(&text)
+        .map_err(|e| format!("{}: {e}", args.file.display()))?;
+    println!("{}: {summary}", args.file.display());
+    Ok(())
+}
+
+fn render_cmd(args: &RenderArgs) -> Result<(), String> {
+    init_logging(&args.common)?;
+    let opts = args.common.render_options()?;
+    let text = read_input(&args.file)?;
     let snap = input::read_snapshot(&text).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let started = Instant::now();
     let rendered = render::render(&snap.namespaces, &snap.pods, &snap.services, &opts)

@@ -225,6 +225,49 @@ fn bad_input_fails_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
 }
 
+/// `validate` is strict where the filter is forgiving: unknown fields and
+/// every limit are errors that name the field.
+#[test]
+fn validate_is_strict_and_names_the_field() {
+    let dir = std::env::temp_dir().join(format!("envlane-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = vec!["8080"; 8000].join(",");
+    let cases: Vec<(&str, String, bool, &str)> = vec![
+        (
+            "good.json",
+            r#"{"defaultEnv":"dev","envs":[{"name":"dev"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0]}]}"#.into(),
+            true,
+            "valid: 1 services, 1 envs, 1 (service, env) pairs",
+        ),
+        ("good.yaml", "mode: host\nenvs: []\n".into(), true, "valid: 0 services"),
+        ("unknown.json", r#"{"envs":[{"name":"dev","weight":1}]}"#.into(), false, "field `envs[0].weight`: unknown field"),
+        (
+            "ports.json",
+            format!(r#"{{"envs":[{{"name":"dev"}}],"services":[{{"host":"a","ports":[{ports}],"envs":[0]}}]}}"#),
+            false,
+            "more than 64 ports (limit)",
+        ),
+        ("index.json", r#"{"services":[{"host":"a","ports":[80],"envs":[3]}]}"#.into(), false, "field `services[0].envs[0]`"),
+        ("list.json", "[1]".into(), false, "expected a mapping"),
+    ];
+    for (name, text, ok, says) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_envlane-sync"))
+            .args(["validate", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.success(), ok, "{name}: {printed}");
+        assert!(printed.contains(says), "{name}: {printed}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn help_lists_every_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_envlane-sync"))
