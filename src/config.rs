@@ -27,8 +27,45 @@ pub const ROUTE_STATE_PREFIX: &str = "outbound|";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_HOST_TEMPLATE: &str = "{name}-{subset}.{namespace}.svc.{clusterDomain}";
 
+// The JSON Schema of the config (`envlane-sync schema`, feature `schema`):
+// what the filter checks, as far as a schema can say it. The patterns are
+// ECMA-262 regexes; sync/tests/schema_cli.rs checks them against the filter.
+
+/// `$id` of the plugin config's JSON Schema.
+pub const SCHEMA_ID: &str = "https://envlane.io/schemas/plugin-config.schema.json";
+/// `title` of the plugin config's JSON Schema.
+pub const SCHEMA_TITLE: &str = "envlane plugin config";
+/// An RFC 7230 token: header names (`envHeader`, `debugHeader`, alias
+/// headers; never a `:` pseudo-header) and W3C baggage keys.
+pub const TOKEN_PATTERN: &str = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$";
+/// An env name with the default splitter `.`: 1 to
+/// [`crate::names::MAX_ENV_LEVELS`] levels of `[A-Za-z0-9_-]`.
+pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+){0,7}$";
+/// An env name with another splitter: printable ASCII (the filter checks the
+/// levels when it loads the table).
+pub const ENV_NAME_ANY_SPLITTER_PATTERN: &str = r"^[!-~]+$";
+/// Lower-case DNS labels joined by `.`: service hosts, `clusterDomain`.
+pub const DNS_NAME_PATTERN: &str =
+    r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$";
+/// A DNS-1123 label: DestinationRule subsets.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$";
+/// `splitter`: one printable ASCII character that is not a letter or a digit.
+pub const SPLITTER_PATTERN: &str = r"^[!-/:-@\[-`{-~]$";
+/// A cookie name (`envAliases[].cookie`).
+pub const COOKIE_NAME_PATTERN: &str = r"^[^;= ,]+$";
+/// `hostTemplate`: text without `{` and the placeholders `{name}`,
+/// `{namespace}`, `{subset}`, `{clusterDomain}`; `{subset}` at least once.
+pub const HOST_TEMPLATE_PATTERN: &str = r"^(?:[^{]|\{(?:name|namespace|subset|clusterDomain)\})*\{subset\}(?:[^{]|\{(?:name|namespace|subset|clusterDomain)\})*$";
+/// Longest `envLabel`: a Kubernetes label key, `prefix/name` (253 + 1 + 63).
+pub const MAX_LABEL_KEY_LEN: usize = 317;
+/// Longest DNS name (service hosts, `clusterDomain`).
+pub const MAX_DNS_NAME_LEN: usize = 253;
+/// Longest DNS label (subsets).
+pub const MAX_DNS_LABEL_LEN: usize = 63;
+
 /// How a decision is applied to the request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum Mode {
     /// Set `routeHeader` to the Istio subset cluster `outbound|PORT|SUBSET|FQDN`;
@@ -39,14 +76,27 @@ pub enum Mode {
     Host,
 }
 
+/// The WasmPlugin's `pluginConfig`: what the filter reads and envlane-sync
+/// writes. Besides what this schema says, the filter checks when it loads
+/// the table that env indexes are in range, env names, subsets and hosts are
+/// unique, host mode has `name.namespace.svc.<clusterDomain>` hosts, env
+/// names have valid levels with a custom splitter, and the limits on
+/// (service, env) pairs and targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(deny_unknown_fields, transform = schema::env_names)
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginConfig {
     /// Request header that carries the env.
     #[serde(default = "default_env_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(TOKEN_PATTERN)))]
     pub env_header: String,
     /// W3C `baggage` member key that carries the env; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(TOKEN_PATTERN)))]
     pub baggage_key: Option<String>,
     /// More places to read the env from, tried after the header and baggage.
     #[serde(
@@ -54,9 +104,11 @@ pub struct PluginConfig {
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "crate::limits::aliases"
     )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ALIASES)))]
     pub env_aliases: Vec<EnvAlias>,
     /// Pod label whose value (from node metadata) is the caller's own env.
     #[serde(default = "default_env_label")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_LABEL_KEY_LEN)))]
     pub env_label: String,
     /// When the env comes from the caller's label, add `envHeader` to the
     /// request so the next hop sees it.
@@ -64,9 +116,11 @@ pub struct PluginConfig {
     pub auto_inject: bool,
     /// Separates env levels.
     #[serde(default = "default_splitter")]
+    #[cfg_attr(feature = "schema", schemars(pattern(SPLITTER_PATTERN)))]
     pub splitter: String,
     /// Env used when no level of the request's env has the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = crate::names::MAX_ENV_LEN)))]
     pub default_env: Option<String>,
     #[serde(default)]
     pub mode: Mode,
@@ -77,31 +131,38 @@ pub struct PluginConfig {
     /// When `debug` is on and a request carries this header, the response
     /// explains the decision in `x-envlane-decision`.
     #[serde(default = "default_debug_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(TOKEN_PATTERN)))]
     pub debug_header: String,
     /// Answer `debugHeader` with an explanation. Off by default: the
     /// explanation names clusters, envs and the caller's label.
     #[serde(default, skip_serializing_if = "is_false")]
+    #[cfg_attr(feature = "schema", schemars(extend("default" = false)))]
     pub debug: bool,
     /// The filter runs at the mesh edge (an ingress gateway): it removes from
     /// every request what outsiders must not set (`envHeader`, the baggage
     /// member, alias headers and cookies, `routeHeader`, `debugHeader`) and
     /// routes nothing.
     #[serde(default, skip_serializing_if = "is_false")]
+    #[cfg_attr(feature = "schema", schemars(extend("default" = false)))]
     pub edge: bool,
     /// Kubernetes cluster domain, used to resolve short service names.
     #[serde(default = "default_cluster_domain")]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_DNS_NAME_LEN), pattern(DNS_NAME_PATTERN)))]
     pub cluster_domain: String,
     /// Host mode: the per-env Service host. Placeholders: `{name}`,
     /// `{namespace}`, `{subset}`, `{clusterDomain}`.
     #[serde(default = "default_host_template")]
+    #[cfg_attr(feature = "schema", schemars(pattern(HOST_TEMPLATE_PATTERN)))]
     pub host_template: String,
     /// Free-form label of this table (e.g. a hash), logged when it is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Every env the table mentions; services refer to them by index.
     #[serde(default, deserialize_with = "crate::limits::envs")]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ENVS)))]
     pub envs: Vec<EnvEntry>,
     #[serde(default, deserialize_with = "crate::limits::services")]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_SERVICES)))]
     pub services: Vec<ServiceEntry>,
 }
 
@@ -131,37 +192,53 @@ impl Default for PluginConfig {
 
 /// Another place the env may be found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(deny_unknown_fields, transform = schema::exactly_one_source)
+)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvAlias {
     /// A request header whose whole value is the env (e.g. `x-lane`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(TOKEN_PATTERN)))]
     pub header: Option<String>,
     /// A cookie (inside `cookie` headers) whose value is the env.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(COOKIE_NAME_PATTERN)))]
     pub cookie: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 #[serde(rename_all = "camelCase")]
 pub struct EnvEntry {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = crate::names::MAX_ENV_LEN)))]
     pub name: String,
     /// DestinationRule subset for this env; derived from the name when absent
     /// (see `SubsetName::for_env`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_DNS_LABEL_LEN), pattern(DNS_LABEL_PATTERN)))]
     pub subset: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     /// The Service FQDN, `name.namespace.svc.<clusterDomain>` (or any other
     /// host, matched as written).
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_DNS_NAME_LEN), pattern(DNS_NAME_PATTERN)))]
     pub host: String,
     /// Service ports; a request to another port is left untouched.
     #[serde(deserialize_with = "crate::limits::ports")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = crate::limits::MAX_PORTS_PER_SERVICE), inner(range(min = 1))))]
     pub ports: Vec<u16>,
     /// Indexes into `envs`: the envs that have Ready pods of this service.
     #[serde(deserialize_with = "crate::limits::env_ids")]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ENVS)))]
     pub envs: Vec<u32>,
 }
 
@@ -191,6 +268,63 @@ fn default_true() -> bool {
 }
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// The JSON Schema (draft 2020-12) of [`PluginConfig`], as `envlane-sync
+/// schema` prints it.
+#[cfg(feature = "schema")]
+pub fn json_schema() -> serde_json::Value {
+    schema::root()
+}
+
+#[cfg(feature = "schema")]
+mod schema {
+    use schemars::Schema;
+    use serde_json::{json, Value};
+
+    use super::{
+        PluginConfig, DEFAULT_SPLITTER, ENV_NAME_ANY_SPLITTER_PATTERN, ENV_NAME_PATTERN, SCHEMA_ID,
+        SCHEMA_TITLE,
+    };
+
+    pub(super) fn root() -> Value {
+        let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+        let mut schema = generator.into_root_schema_for::<PluginConfig>();
+        schema.insert("$id".into(), SCHEMA_ID.into());
+        schema.insert("title".into(), SCHEMA_TITLE.into());
+        schema.to_value()
+    }
+
+    /// Env names (`defaultEnv`, `envs[].name`): exact with the default
+    /// splitter, printable ASCII with another (the filter checks the levels).
+    pub(super) fn env_names(schema: &mut Schema) {
+        let names = |pattern: &str| {
+            json!({"properties": {
+                "defaultEnv": {"pattern": pattern},
+                "envs": {"items": {"properties": {"name": {"pattern": pattern}}}},
+            }})
+        };
+        schema.insert(
+            "if".into(),
+            json!({"properties": {"splitter": {"const": DEFAULT_SPLITTER}}}),
+        );
+        schema.insert("then".into(), names(ENV_NAME_PATTERN));
+        schema.insert("else".into(), names(ENV_NAME_ANY_SPLITTER_PATTERN));
+    }
+
+    /// An alias names a header or a cookie, never both.
+    pub(super) fn exactly_one_source(schema: &mut Schema) {
+        let one = |set: &str, unset: &str| {
+            json!({
+                "required": [set],
+                "properties": {(set): {"type": "string"}, (unset): {"type": "null"}},
+            })
+        };
+        schema.insert(
+            "oneOf".into(),
+            json!([one("header", "cookie"), one("cookie", "header")]),
+        );
+    }
 }
 
 /// A config error: the JSON path of the bad field and what is wrong with it.

@@ -1,6 +1,8 @@
 //! Command line: `envlane-sync [FLAGS]` runs the controller,
 //! `envlane-sync render -f FILE [FLAGS]` prints what it would apply,
-//! `envlane-sync validate FILE` checks a plugin config strictly.
+//! `envlane-sync validate FILE` checks a plugin config strictly,
+//! `envlane-sync schema` and `envlane-sync settings` print the config's JSON
+//! Schema and the filter settings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +45,24 @@ pub enum Command {
     /// strictly: unknown fields, limits and every check the filter makes.
     /// Prints one line; exits non-zero when the config is invalid.
     Validate(ValidateArgs),
+    /// Print the JSON Schema (draft 2020-12) of the plugin config (the
+    /// WasmPlugin's pluginConfig), made from the filter's own config types.
+    /// Strict: unknown fields are refused, as `validate` refuses them. Checks
+    /// a schema cannot express (indexes in range, unique names, pair and
+    /// target limits) are left to `validate`.
+    Schema,
+    /// Print filter settings as JSON: the file --settings takes (a plugin
+    /// config without `envs`, `services` and `revision`). With no flags, the
+    /// defaults; with --settings FILE, that file's settings, checked.
+    Settings(SettingsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SettingsArgs {
+    /// Settings to print instead of the defaults (JSON or YAML, `-` for
+    /// stdin); fields it leaves out keep their defaults.
+    #[arg(long, value_name = "FILE")]
+    pub settings: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

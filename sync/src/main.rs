@@ -4,16 +4,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use envlane_sync::cli::{Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs, ValidateArgs};
+use envlane_sync::cli::{
+    Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs, SettingsArgs, ValidateArgs,
+};
 use envlane_sync::controller::LoopConfig;
 use envlane_sync::metrics::Metrics;
-use envlane_sync::{input, kube_io, output, render, server};
+use envlane_sync::{input, kube_io, output, render, schema, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Render(args)) => render_cmd(&args),
         Some(Command::Validate(args)) => validate_cmd(&args),
+        Some(Command::Schema) => print(schema::schema_json()),
+        Some(Command::Settings(args)) => settings_cmd(&args),
         Some(Command::Run(args)) => run_cmd(args),
         None => run_cmd(cli.run),
     };
@@ -58,6 +62,24 @@ fn validate_cmd(args: &ValidateArgs) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", args.file.display()))?;
     println!("{}: {summary}", args.file.display());
     Ok(())
+}
+
+fn settings_cmd(args: &SettingsArgs) -> Result<(), String> {
+    let settings = match &args.settings {
+        Some(path) => {
+            let text = read_input(path)?;
+            schema::settings(Some(&text))
+                .map_err(|e| format!("--settings {}: {e}", path.display()))?
+        }
+        None => schema::settings(None)?,
+    };
+    print(schema::settings_json(&settings))
+}
+
+fn print(text: Result<String, String>) -> Result<(), String> {
+    std::io::stdout()
+        .write_all(text?.as_bytes())
+        .map_err(|e| format!("stdout: {e}"))
 }
 
 fn render_cmd(args: &RenderArgs) -> Result<(), String> {
