@@ -12,18 +12,15 @@ use crate::limits::MAX_CONFIG_BYTES;
 pub const DEFAULT_ENV_HEADER: &str = "x-virtual-env";
 pub const DEFAULT_ENV_LABEL: &str = "virtual-env";
 pub const DEFAULT_SPLITTER: &str = ".";
-pub const DEFAULT_ROUTE_HEADER: &str = "x-envlane-cluster";
 pub const DEFAULT_DEBUG_HEADER: &str = "x-envlane-debug";
 pub const DECISION_HEADER: &str = "x-envlane-decision";
-/// The filter-state property the filter writes, in a stream, with the cluster
-/// it chose (Envoy stores it as `wasm.envlane_route`). envlane's route
-/// matches only on it: a client header alone can never select that route.
-/// One path part: Envoy joins several with a NUL byte.
+/// The filter-state property the filter writes, in a stream, with the
+/// cluster it chose (Envoy stores it as `wasm.envlane_route`). The route
+/// patch envlane-sync renders reads only this: no request header can set
+/// it. One path part: Envoy joins several with a NUL byte.
 pub const ROUTE_STATE_PROPERTY: &str = "envlane_route";
-/// The filter-state key Envoy's route match names.
+/// The filter-state key the route patch's matcher reads.
 pub const ROUTE_STATE_KEY: &str = "wasm.envlane_route";
-/// Every value the filter writes there starts so (an Istio cluster name).
-pub const ROUTE_STATE_PREFIX: &str = "outbound|";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_HOST_TEMPLATE: &str = "{name}-{subset}.{namespace}.svc.{clusterDomain}";
 
@@ -68,8 +65,9 @@ pub const MAX_DNS_LABEL_LEN: usize = 63;
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum Mode {
-    /// Set `routeHeader` to the Istio subset cluster `outbound|PORT|SUBSET|FQDN`;
-    /// a route with `cluster_header` sends the request there.
+    /// Write the Istio subset cluster `outbound|PORT|SUBSET|FQDN` to filter
+    /// state; envlane's patch of the service's routes sends the request there,
+    /// keeping the route's own policy (timeouts, retries, faults, ...).
     #[default]
     Cluster,
     /// Rewrite `:authority` to a per-env Service host made from `hostTemplate`.
@@ -124,10 +122,6 @@ pub struct PluginConfig {
     pub default_env: Option<String>,
     #[serde(default)]
     pub mode: Mode,
-    /// Internal header holding the chosen cluster (cluster mode). Always
-    /// stripped from incoming requests first.
-    #[serde(default = "default_route_header")]
-    pub route_header: String,
     /// When `debug` is on and a request carries this header, the response
     /// explains the decision in `x-envlane-decision`.
     #[serde(default = "default_debug_header")]
@@ -140,8 +134,7 @@ pub struct PluginConfig {
     pub debug: bool,
     /// The filter runs at the mesh edge (an ingress gateway): it removes from
     /// every request what outsiders must not set (`envHeader`, the baggage
-    /// member, alias headers and cookies, `routeHeader`, `debugHeader`) and
-    /// routes nothing.
+    /// member, alias headers and cookies, `debugHeader`) and routes nothing.
     #[serde(default, skip_serializing_if = "is_false")]
     #[cfg_attr(feature = "schema", schemars(extend("default" = false)))]
     pub edge: bool,
@@ -177,7 +170,6 @@ impl Default for PluginConfig {
             splitter: default_splitter(),
             default_env: None,
             mode: Mode::Cluster,
-            route_header: default_route_header(),
             debug_header: default_debug_header(),
             debug: false,
             edge: false,
@@ -250,9 +242,6 @@ fn default_env_label() -> String {
 }
 fn default_splitter() -> String {
     DEFAULT_SPLITTER.into()
-}
-fn default_route_header() -> String {
-    DEFAULT_ROUTE_HEADER.into()
 }
 fn default_debug_header() -> String {
     DEFAULT_DEBUG_HEADER.into()
@@ -398,6 +387,10 @@ fn parse_known(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     } else {
         json
     };
+    // serde would read a JSON array as the struct's fields in order.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ConfigError::new("(document)", "expected a JSON object"));
+    }
     serde_json::from_slice::<PluginConfig>(json).map_err(|e| {
         let field = match e.classify() {
             serde_json::error::Category::Data => {

@@ -134,9 +134,7 @@ pub struct Plan<'t> {
     pub outcome: Outcome,
     /// An env value was present but refused (counted; the next source was used).
     pub invalid_env: bool,
-    /// The client sent the internal routing header: remove it.
-    pub strip_route_header: bool,
-    /// Cluster mode: value for the internal routing header.
+    /// Cluster mode: the cluster to write to filter state.
     pub route_to_cluster: Option<&'t str>,
     /// Host mode: new `:authority`.
     pub rewrite_authority: Option<String>,
@@ -147,10 +145,10 @@ pub struct Plan<'t> {
 }
 
 impl Plan<'_> {
-    /// Whether any request header changes (then the route must be picked again).
-    pub fn changes_headers(&self) -> bool {
-        self.strip_route_header
-            || self.route_to_cluster.is_some()
+    /// Whether the route must be picked again (a header or the filter state
+    /// changes).
+    pub fn reroutes(&self) -> bool {
+        self.route_to_cluster.is_some()
             || self.rewrite_authority.is_some()
             || self.inject_env.is_some()
     }
@@ -257,7 +255,6 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),
-        strip_route_header: headers.values(&s.route_header).next().is_some(),
         route_to_cluster,
         rewrite_authority,
         inject_env,

@@ -1,7 +1,6 @@
 //! Edge hygiene: at an ingress gateway (`edge: true`) the filter removes from
 //! each request entering the mesh what only the mesh may set: the env header,
-//! the env's baggage member, alias headers and cookies, the internal routing
-//! header and the debug header. Pure; the glue applies the [`EdgePlan`].
+//! the env's baggage member, alias headers and cookies, and the debug header. Pure; the glue applies the [`EdgePlan`].
 
 use crate::decide::Headers;
 use crate::table::{AliasSource, RoutingTable};
@@ -35,7 +34,7 @@ impl EdgePlan<'_> {
 pub fn edge_plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> EdgePlan<'t> {
     let s = &table.settings;
     let mut remove: Vec<&'t str> = Vec::new();
-    let mut names: Vec<&'t str> = vec![&s.env_header, &s.route_header, &s.debug_header];
+    let mut names: Vec<&'t str> = vec![&s.env_header, &s.debug_header];
     let mut cookies: Vec<&'t str> = Vec::new();
     for alias in s.aliases.iter() {
         match alias {

@@ -221,23 +221,14 @@ impl Stream {
         let plan = plan(&table, &request);
         let s = &table.settings;
         let mut changed = false;
-        let mut route_ok = true;
-        if plan.strip_route_header {
-            route_ok = host.remove_request_header(&s.route_header);
-            changed = true;
-        }
         if let Some(cluster) = plan.route_to_cluster {
-            // The header names the cluster, the filter state opens envlane's
-            // route: only this filter writes `wasm.*` state, so a client
-            // header alone never selects a cluster.
-            route_ok = route_ok
-                && host.set_request_header(&s.route_header, cluster.as_bytes())
-                && host.set_filter_state(ROUTE_STATE_PROPERTY, cluster.as_bytes());
-            if !route_ok {
+            // Only this filter writes `wasm.*` state: no request header can
+            // make envlane's route patch pick a cluster.
+            if host.set_filter_state(ROUTE_STATE_PROPERTY, cluster.as_bytes()) {
+                changed = true;
+            } else {
                 Counters::bump(host, self.counters.route_failed);
-                let _ = host.remove_request_header(&s.route_header);
             }
-            changed = true;
         }
         if let Some(authority) = &plan.rewrite_authority {
             changed |= host.set_request_header(":authority", authority.as_bytes());

@@ -34,7 +34,6 @@ pub struct Settings {
     pub auto_inject: bool,
     pub splitter: Splitter,
     pub mode: Mode,
-    pub route_header: Box<str>,
     pub debug_header: Box<str>,
     /// Explanations are given (`debug`).
     pub debug: bool,
@@ -112,19 +111,12 @@ impl RoutingTable {
             auto_inject: config.auto_inject,
             splitter,
             mode: config.mode,
-            route_header: header_name("routeHeader", &config.route_header)?,
             debug_header: header_name("debugHeader", &config.debug_header)?,
             debug: config.debug,
             edge: config.edge,
             own_env: own_env(&config.env_label, node, splitter)?,
             revision: config.revision.as_deref().map(Into::into),
         };
-        if config.env_header.eq_ignore_ascii_case(&config.route_header) {
-            return Err(ConfigError::new(
-                "routeHeader",
-                "must differ from envHeader",
-            ));
-        }
         check_cluster_domain(&config.cluster_domain)?;
         let template = HostTemplate::parse(&config.host_template)?;
 
@@ -325,6 +317,46 @@ impl RoutingTable {
     pub fn pair_count(&self) -> usize {
         self.services.iter().map(|s| s.envs.len()).sum()
     }
+
+    /// Cluster mode: for every service port, the clusters the filter may
+    /// write to filter state (what envlane-sync's route patch must map).
+    /// Empty in host mode.
+    pub fn cluster_targets(&self) -> Vec<PortTargets<'_>> {
+        if self.settings.mode != Mode::Cluster {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for service in self.services.iter() {
+            for (slot, &port) in service.ports.iter().enumerate() {
+                let targets = service
+                    .envs
+                    .iter()
+                    .filter_map(|&(_, first)| self.targets.get(first as usize + slot))
+                    .collect();
+                out.push(PortTargets {
+                    fqdn: service.fqdn.as_str(),
+                    port,
+                    targets,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Istio's name of a service port's cluster, `outbound|PORT|SUBSET|FQDN`;
+/// `subset` is empty for the service's own cluster (all its pods).
+pub fn istio_cluster(port: u16, subset: &str, fqdn: &str) -> String {
+    format!("outbound|{port}|{subset}|{fqdn}")
+}
+
+/// One port of a service and the clusters the filter can choose for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortTargets<'t> {
+    pub fqdn: &'t str,
+    pub port: u16,
+    /// The subset clusters, in env-id order.
+    pub targets: Vec<&'t str>,
 }
 
 /// Every target string in one buffer: a 100k-pair table is one allocation
@@ -580,9 +612,10 @@ fn check_cluster_domain(domain: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::new("clusterDomain", e))
 }
 
-/// `hostTemplate` split into literal text and placeholders.
+/// `hostTemplate` split into literal text and placeholders. envlane-sync
+/// renders host mode's per-env Services with the same template.
 #[derive(Debug)]
-struct HostTemplate(Vec<Piece>);
+pub struct HostTemplate(Vec<Piece>);
 
 #[derive(Debug)]
 enum Piece {
@@ -594,7 +627,7 @@ enum Piece {
 }
 
 impl HostTemplate {
-    fn parse(template: &str) -> Result<Self, ConfigError> {
+    pub fn parse(template: &str) -> Result<Self, ConfigError> {
         let err = |m: String| ConfigError::new("hostTemplate", m);
         let mut pieces = Vec::new();
         let mut rest = template;
@@ -628,7 +661,7 @@ impl HostTemplate {
         Ok(Self(pieces))
     }
 
-    fn render(&self, name: &str, namespace: &str, subset: &str, domain: &str) -> String {
+    pub fn render(&self, name: &str, namespace: &str, subset: &str, domain: &str) -> String {
         self.0
             .iter()
             .map(|p| match p {
@@ -717,6 +750,45 @@ mod tests {
             (t.text.len(), t.ends.len()),
             (t.text.capacity(), t.ends.capacity())
         );
+    }
+
+    #[test]
+    fn cluster_targets_are_istio_cluster_names() {
+        let config = PluginConfig {
+            envs: ["dev", "dev.a"]
+                .iter()
+                .map(|n| EnvEntry {
+                    name: n.to_string(),
+                    subset: Some(n.replace('.', "-")),
+                })
+                .collect(),
+            services: vec![ServiceEntry {
+                host: "api.ns.svc.cluster.local".into(),
+                ports: vec![9090, 80],
+                envs: vec![1, 0],
+            }],
+            ..PluginConfig::default()
+        };
+        let table = RoutingTable::compile(&config, &Node::default()).expect("valid");
+        let fqdn = "api.ns.svc.cluster.local";
+        let want: Vec<PortTargets<'_>> = [80u16, 9090]
+            .iter()
+            .map(|&port| PortTargets {
+                fqdn,
+                port,
+                targets: vec![],
+            })
+            .collect();
+        let got = table.cluster_targets();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.fqdn, g.port), (w.fqdn, w.port));
+            let expected: Vec<String> = ["dev", "dev-a"]
+                .iter()
+                .map(|s| istio_cluster(w.port, s, fqdn))
+                .collect();
+            assert_eq!(g.targets, expected);
+        }
     }
 
     #[test]

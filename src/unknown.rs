@@ -112,6 +112,25 @@ impl<'de> Deserializer<'de> for FieldCatcher {
     }
 }
 
+/// Appends `.key` (or `key` at the top), or `["key"]` (JSON-quoted) when the
+/// key is empty or not a plain name, so every path names its field.
+fn push_key(path: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+    } else {
+        path.push('[');
+        path.push_str(&serde_json::to_string(key).unwrap_or_else(|_| "\"?\"".into()));
+        path.push(']');
+    }
+}
+
 struct Scan<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -158,10 +177,7 @@ impl Scan<'_> {
             self.at += 1;
             self.skip_ws();
             let mark = path.len();
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(&key);
+            push_key(path, &key);
             let ok = if !known.contains(&key.as_str()) {
                 if self.found.len() < MAX_REPORTED {
                     self.found.push(path.clone());
@@ -322,7 +338,11 @@ mod tests {
                 r#"{"envAliases":[{"header":"x"},{"headr":"y"}]}"#,
                 &["envAliases[1].headr"],
             ),
-            (r#"{"env\u0048eader":"x","a\"b":true}"#, &["a\"b"]),
+            (r#"{"env\u0048eader":"x","a\"b":true}"#, &[r#"["a\"b"]"#]),
+            // Found by fuzzing: an empty key must still name a field.
+            (r#"{"":""}"#, &[r#"[""]"#]),
+            (r#"{"envs":[{"name":"a","":1}]}"#, &[r#"envs[0][""]"#]),
+            (r#"{"a.b":1}"#, &[r#"["a.b"]"#]),
             (
                 " {\n \"x\" : -1.5e3 , \"y\":null,\"z\":\"}\"}",
                 &["x", "y", "z"],

@@ -90,6 +90,10 @@ fn bad_fields_are_named() {
             "services[1].host",
         ),
         ("[1,2]", "(document)"),
+        // serde alone reads an array as the fields in order: `[]` was all defaults.
+        ("[]", "(document)"),
+        (" [\"x-env\"]", "(document)"),
+        ("7", "(document)"),
         ("{", "(document)"),
     ];
     for (json, field) in cases {

@@ -233,7 +233,7 @@ const JAVA: &[(&str, &[u8])] = &[
 ];
 
 #[test]
-fn routes_by_filter_state_and_header_together() {
+fn routes_by_filter_state_only() {
     let host = Fake::new(&alibaba_json()).with_request(&[
         (":authority", b"java:8080"),
         ("x-virtual-env", b"dev.proj1"),
@@ -244,11 +244,11 @@ fn routes_by_filter_state_and_header_together() {
     ]);
     assert_eq!(run(&host), Configured::Loaded);
     let chosen = host.routed_to().expect("filter state written");
-    assert!(
-        chosen.starts_with("outbound|8080|") && !chosen.contains("evil"),
-        "{chosen}"
+    let subset = common::subset("dev.proj1");
+    assert_eq!(
+        chosen,
+        format!("outbound|8080|{subset}|java.demo.svc.cluster.local")
     );
-    assert_eq!(host.header("x-envlane-cluster"), Some(chosen.into_bytes()));
     assert_eq!(*host.route_cache_cleared.borrow(), 1);
     assert_eq!(host.counter("envlane.decision.exact"), 1);
 }
@@ -308,8 +308,8 @@ fn an_oversized_config_is_refused_before_it_is_read() {
     assert_eq!(*host.config_reads.borrow(), 0);
 }
 
-/// Each host call failing alone, then all together: no panic, and the route
-/// is never opened unless both the header and the filter state were written.
+/// Each host call failing alone, then all together: no panic, no route
+/// unless the filter state was written, and a failed write is counted.
 #[test]
 fn every_host_call_failing() {
     let cases: &[(&str, Failing, Option<bool>)] = &[
@@ -340,13 +340,14 @@ fn every_host_call_failing() {
             },
             None,
         ),
+        // Header writes carry auto-inject and host mode only, not the route.
         (
             "writes",
             Failing {
                 writes: true,
                 ..Default::default()
             },
-            Some(false),
+            Some(true),
         ),
         (
             "filter state",
@@ -385,16 +386,8 @@ fn every_host_call_failing() {
             _ => assert_eq!(state, None, "{what}"),
         }
         if *routed == Some(false) {
-            if !fail.writes {
-                assert_eq!(
-                    host.header("x-envlane-cluster"),
-                    None,
-                    "{what}: header withdrawn"
-                );
-            }
-            if !fail.counters {
-                assert_eq!(host.counter(COUNTER_ROUTE_FAILED), 1, "{what}");
-            }
+            assert_eq!(host.counter(COUNTER_ROUTE_FAILED), 1, "{what}");
+            assert_eq!(*host.route_cache_cleared.borrow(), 0, "{what}");
         }
     }
 }
@@ -469,22 +462,13 @@ fn edge_strips_what_outsiders_must_not_set() {
     let host = Fake::new(&serde_json::to_string(&cfg).unwrap()).with_request(&[
         (":authority", b"java:8080"),
         ("x-virtual-env", b"dev.proj1"),
-        (
-            "x-envlane-cluster",
-            b"outbound|8080|x|java.demo.svc.cluster.local",
-        ),
         ("x-envlane-debug", b"1"),
         ("x-lane", b"dev.proj1"),
         ("baggage", b"user=7, lane=dev.proj1;p=1, other=2"),
         ("cookie", b"session=abc; VirtualEnv=dev.proj1"),
     ]);
     run(&host);
-    for gone in [
-        "x-virtual-env",
-        "x-envlane-cluster",
-        "x-envlane-debug",
-        "x-lane",
-    ] {
+    for gone in ["x-virtual-env", "x-envlane-debug", "x-lane"] {
         assert_eq!(host.header(gone), None, "{gone}");
     }
     assert_eq!(

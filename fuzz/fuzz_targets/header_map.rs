@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 
 use envlane::config::{parse, Mode};
 use envlane::decide::{find_env, plan, Headers, Outcome, Source};
+use envlane::edge::{edge_plan, Rewrite};
+use envlane::sources::{baggage_value, cookie_value};
 use envlane::names::check_env;
 use envlane::table::{Node, RoutingTable};
 use envlane::wire::HeaderMap;
@@ -116,10 +118,6 @@ fn check_plan(map: &HeaderMap<'_>) {
     for table in tables() {
         let s = &table.settings;
         let p = plan(table, map);
-        assert_eq!(
-            p.strip_route_header,
-            map.values(&s.route_header).next().is_some()
-        );
         // Explained only when asked (and, where the config has `debug`, on).
         let debug = map.values(&s.debug_header).next().is_some();
         assert!(debug || p.explanation.is_none());
@@ -169,7 +167,24 @@ fn check_plan(map: &HeaderMap<'_>) {
                 }
             }
         }
-        assert!(p.changes_headers() || (!routed && !p.strip_route_header));
+        assert_eq!(p.reroutes(), p.route_to_cluster.is_some() || p.rewrite_authority.is_some() || p.inject_env.is_some());
+        check_edge(table, map);
+    }
+}
+
+/// Edge hygiene over this map: every header it removes is present, and the
+/// rewritten baggage/cookie no longer carries the env.
+fn check_edge(table: &RoutingTable, map: &HeaderMap<'_>) {
+    let s = &table.settings;
+    let e = edge_plan(table, map);
+    for name in &e.remove {
+        assert!(map.values(name).next().is_some(), "{name}");
+    }
+    if let (Some(key), Rewrite::Set(v)) = (&s.baggage_key, &e.baggage) {
+        assert!(baggage_value([v.as_str()], key).is_none(), "{v}");
+    }
+    if let Rewrite::Set(v) = &e.cookie {
+        assert!(cookie_value([v.as_str()], "VirtualEnv").is_none(), "{v}");
     }
 }
 
