@@ -44,11 +44,10 @@ sys.path.insert(0, str(ROOT / "integration"))
 
 import harness  # noqa: E402  (integration/harness.py)
 from harness import (  # noqa: E402
-    ROUTE_HEADER,
     App,
     Envoy,
+    apply_route_patches,
     ecds_resource,
-    envlane_route,
     fqdn,
     free_port,
     service_domains,
@@ -147,18 +146,34 @@ def cluster_set(table: Table, upstream: int, h2: bool, extra: dict[str, int] | N
     return [static_cluster(n, upstream, h2) for n in names] + [static_cluster(n, port, h2) for n, port in (extra or {}).items()]
 
 
+# Istio's route policy for a service without a VirtualService.
+ISTIO_DEFAULT_RETRY = {
+    "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+    "num_retries": 2,
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": "5",
+    "retriable_status_codes": [503],
+}
+# D's Lua filter names the cluster in this header, for a `cluster_header` route.
+LUA_ROUTE_HEADER = "x-envlane-cluster"
+
+
 def istio_route(target: str) -> dict:
-    """A plain route as Istio writes it: same timeout and default retry policy
-    as envlane's shipped route, so A, B, C and D differ only in routing."""
-    shipped = envlane_route()["route"]
-    route = {"cluster": target, "timeout": shipped.get("timeout", "0s")}
-    if "retry_policy" in shipped:
-        route["retry_policy"] = shipped["retry_policy"]
-    return route
+    """A plain route as Istio writes it: the same policy in every variant, so
+    A, B, C and D differ only in routing."""
+    return {"cluster": target, "timeout": "0s", "retry_policy": ISTIO_DEFAULT_RETRY}
 
 
 def default_route(i: int) -> dict:
-    return {"match": {"prefix": "/"}, "route": istio_route(cluster(i, "dev"))}
+    return {"name": "default", "match": {"prefix": "/"}, "route": istio_route(cluster(i, "dev"))}
+
+
+def lua_route() -> dict:
+    """D: the route a Lua-based solution needs: the cluster its filter named."""
+    return {"match": {"prefix": "/", "headers": [{"name": LUA_ROUTE_HEADER, "present_match": True}]},
+            "request_headers_to_remove": [LUA_ROUTE_HEADER],
+            "route": {k: v for k, v in istio_route("unused").items() if k != "cluster"} | {"cluster_header": LUA_ROUTE_HEADER}}
 
 
 def vhosts_a(table: Table) -> list[dict]:
@@ -166,14 +181,25 @@ def vhosts_a(table: Table) -> list[dict]:
     return [{"name": "all", "domains": ["*"], "routes": [default_route(first)]}]
 
 
-def vhosts_envlane(table: Table) -> list[dict]:
-    """B and D: Istio's shape, a virtual host per service with the
-    cluster_header route first."""
+def vhosts_envlane(table: Table, route_table: dict) -> list[dict]:
+    """B: Istio's shape, a virtual host per service with its default route,
+    patched as envlane-sync's route EnvoyFilters patch it (for route_table)."""
     vh = [
-        {"name": f"{svc_name(i)}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": [envlane_route(), default_route(i)]}
+        {"name": f"{fqdn(svc_name(i))}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": [default_route(i)]}
         for i in range(table.services)
     ]
-    vh.append({"name": "allow_any", "domains": ["*"], "routes": [envlane_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]})
+    apply_route_patches(vh, harness.route_patches(route_table))
+    vh.append({"name": "allow_any", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 404}}]})
+    return vh
+
+
+def vhosts_lua(table: Table) -> list[dict]:
+    """D: Istio's shape with the Lua filter's cluster_header route first."""
+    vh = [
+        {"name": f"{fqdn(svc_name(i))}:{PORT}", "domains": service_domains(svc_name(i), PORT), "routes": [lua_route(), default_route(i)]}
+        for i in range(table.services)
+    ]
+    vh.append({"name": "allow_any", "domains": ["*"], "routes": [lua_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]})
     return vh
 
 
@@ -254,7 +280,7 @@ def lua_filter(table: Table) -> dict:
         "subsets": ",".join(json.dumps(subset_of(n)) for n in names),
         "services": ",".join(f'{{"{svc_name(i)}","{harness.NAMESPACE}",{{{ids}}}}}' for i in range(table.services)),
         "port": PORT,
-        "route_header": ROUTE_HEADER,
+        "route_header": LUA_ROUTE_HEADER,
     }
     return {
         "name": "envoy.filters.http.lua",
@@ -291,7 +317,7 @@ class Proxy:
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
                  extra_clusters: dict[str, int] | None = None, plugin_config: dict | None = None, name: str | None = None,
-                 wasm: Path | None = None, quiet_stats: bool = False):
+                 wasm: Path | None = None, quiet_stats: bool = False, route_table: dict | None = None):
         self.variant = variant
         self.table = table
         self.expect_default = False  # routed by the plain default route (passthrough)
@@ -303,13 +329,13 @@ class Proxy:
         if variant == "A":
             vhosts = vhosts_a(table)
         elif variant == "B":
-            vhosts = vhosts_envlane(table)
+            vhosts = vhosts_envlane(table, route_table or plugin_config or table.config())
             write_atomically(self.ecds_path, ecds_resource(plugin_config or table.config(), wasm=wasm or WASM_MODULE))
             filters = [wasm_filter_ecds(self.ecds_path)]
         elif variant == "C":
             vhosts = vhosts_native(table)
         elif variant == "D":
-            vhosts = vhosts_envlane(table)
+            vhosts = vhosts_lua(table)
             filters = [lua_filter(table)]
         else:
             raise ValueError(variant)
@@ -801,12 +827,12 @@ class Reload:
 def config_changes(args, workdir: Path) -> list[Reload]:
     """From os.replace() of the ECDS file to the first request that routes by
     the new table. The probe's env `dev.team0` gets a new subset name in every
-    push; the upstream echoes the `x-envlane-cluster` it received."""
+    push, served by its own upstream. The routes map every push's cluster from
+    the start (as istiod would push the route EnvoyFilters along)."""
     sizes = [Table(100, 10), Table(1000, 10), Table(10000, 10)]
     pushes = len(sizes)
     probe_clusters = [cluster(0, f"push{k}") for k in range(pushes + 1)]
-    # One upstream per push (envlane's route strips x-envlane-cluster before
-    # the upstream, so the answer `[upstream @ pushK]` tells where it went).
+    # One upstream per push: the answer `[upstream @ pushK]` tells where it went.
     apps = []
     small = Table(1, 10)
     out = []
@@ -814,8 +840,11 @@ def config_changes(args, workdir: Path) -> list[Reload]:
         with on_cpu(LOAD_CPU):
             for k in range(pushes + 1):
                 apps.append(App(f"upstream-push{k}", "upstream", f"push{k}", workdir, show="x-bench-none"))
+        every_push = small.config("routes")
+        every_push["envs"] += [{"name": f"dev.team0.push{k}", "subset": f"push{k}"} for k in range(pushes + 1)]
+        every_push["services"][0]["envs"] += list(range(small.envs, small.envs + pushes + 1))
         proxy = Proxy("B", small, apps[0].port, workdir, extra_clusters={c: a.port for c, a in zip(probe_clusters, apps)},
-                      plugin_config=small.config("push0", {"dev.team0": "push0"}))
+                      plugin_config=small.config("push0", {"dev.team0": "push0"}), route_table=every_push)
         try:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
             headers = {"host": f"{svc_name(0)}:{PORT}", "x-virtual-env": "dev.team0"}

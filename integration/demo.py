@@ -21,6 +21,7 @@ from topologies import ALIBABA, ALIBABA_CASES, load_config  # noqa: E402
 def main() -> int:
     serve = "--serve" in sys.argv[1:]
     config = load_config("alibaba")
+    config["debug"] = True  # the demo shows each first hop's decision
     print("envlane demo: node -> go -> springboot, each pod with its own Envoy 1.40 sidecar")
     for svc in ALIBABA.services:
         print(f"  {svc.name:<5} pods in envs: {', '.join(svc.envs)}")

@@ -7,8 +7,9 @@ a client pod:
 * node metadata `NAMESPACE` and `LABELS` (read by the filter as
   `xds.node.metadata.*`);
 * one outbound listener whose route config has a virtual host per service
-  (all its short and long names), with envlane's route first (taken only on
-  the filter state the filter writes);
+  (`FQDN:PORT`, all its short and long names) with Istio's default route,
+  patched as envlane-sync's route EnvoyFilter patches it (the cluster comes
+  from the filter state the filter writes, else the route's own);
 * clusters named `outbound|PORT|SUBSET|FQDN` (one per env pod) plus the
   subset-less `outbound|PORT||FQDN`;
 * the envlane filter delivered by file-based extension config discovery
@@ -36,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "dist" / "envlane.wasm"
 TESTAPP = ROOT / "target" / "release" / "envlane-testapp"
-ROUTE_HEADER = "x-envlane-cluster"
-ROUTE_STATE_KEY = "wasm.envlane_route"
+ROUTE_HEADER = "x-envlane-cluster"  # gone: only a client would still send it
 NAMESPACE = "demo"
 DOMAIN = "cluster.local"
 
@@ -246,20 +246,46 @@ def sidecar_bootstrap(
     }
 
 
-ENVOYFILTER = ROOT / "wasm-plugin-manifests" / "base" / "envoyfilter.yaml"
+SYNC = ROOT / "target" / "release" / "envlane-sync"
 
 
-def envlane_route() -> dict:
-    """The route envlane's shipped EnvoyFilter puts first in every outbound
-    virtual host, read from the manifest so the tests exercise the real one."""
-    import yaml  # PyYAML, installed by ./build.sh setup
+def route_patches(plugin_config: dict | str, virtual_services: str | None = None) -> list[dict]:
+    """The route patches envlane-sync renders for a table (its
+    `route-patches` command, the same Rust code as the controller)."""
+    text = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    with tempfile.TemporaryDirectory(prefix="envlane-patches-") as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(text)
+        argv = [str(SYNC), "route-patches", str(config)]
+        if virtual_services is not None:
+            vs = Path(tmp) / "vs.yaml"
+            vs.write_text(virtual_services)
+            argv += ["--virtual-services", str(vs)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    return json.loads(out)["configPatches"]
 
-    doc = yaml.safe_load(ENVOYFILTER.read_text())
-    (patch,) = [p for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_ROUTE"]
-    route = patch["patch"]["value"]
-    assert route["route"]["cluster_header"] == ROUTE_HEADER
-    assert [m["key"] for m in route["match"]["filter_state"]] == [ROUTE_STATE_KEY]
-    return route
+
+def apply_route_patches(virtual_hosts: list[dict], patches: list[dict]) -> int:
+    """Applies HTTP_ROUTE MERGE patches as istiod applies an EnvoyFilter:
+    to the routes (with a route action, and the name when given) of the
+    virtual host named in the match; the patch's route action replaces the
+    route's cluster, every other field of the route stays. Returns how many
+    routes were patched."""
+    patched = 0
+    for p in patches:
+        assert p["applyTo"] == "HTTP_ROUTE" and p["patch"]["operation"] == "MERGE", p
+        vmatch = p["match"]["routeConfiguration"]["vhost"]
+        for vhost in virtual_hosts:
+            if vhost["name"] != vmatch["name"]:
+                continue
+            for route in vhost["routes"]:
+                if "route" not in route or route.get("name", "") != vmatch["route"].get("name", route.get("name", "")):
+                    continue
+                for specifier in ["cluster", "cluster_header", "weighted_clusters", "cluster_specifier_plugin"]:
+                    route["route"].pop(specifier, None)
+                route["route"].update(p["patch"]["value"]["route"])
+                patched += 1
+    return patched
 
 
 def noop_filter_ecds() -> str:
@@ -395,6 +421,9 @@ class Mesh:
     # opt in); "skipped": a no-op filter in its place (a FAIL_OPEN module that
     # failed to load).
     filter: str = "wasm"
+    # The table whose route patches the routes carry (default: plugin_config):
+    # envlane-sync publishes them for valid tables only.
+    route_table: dict | None = None
 
     @property
     def ecds_path(self) -> Path:
@@ -416,8 +445,8 @@ class Mesh:
         for svc in topo.services:
             base = f"outbound|{svc.port}||{fqdn(svc.name)}"
             clusters.append(static_cluster(base, app_ports[(svc.name, topo.default_env)], topo.h2))
-            vhosts.append({"name": f"{svc.name}:{svc.port}", "domains": service_domains(svc.name, svc.port),
-                           "routes": [envlane_route(), {"match": {"prefix": "/"}, "route": {"cluster": base, "timeout": "5s"}}]})
+            vhosts.append({"name": f"{fqdn(svc.name)}:{svc.port}", "domains": service_domains(svc.name, svc.port),
+                           "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": base, "timeout": "5s"}}]})
             for env in svc.envs:
                 sub = self._subset(env)
                 cname = f"outbound|{svc.port}|{sub}|{fqdn(svc.name)}"
@@ -425,12 +454,28 @@ class Mesh:
                 if self.mode == "host":
                     # Host mode: a per-env Service `NAME-SUBSET` with its own virtual host.
                     env_svc = f"{svc.name}-{sub}"
-                    vhosts.append({"name": f"{env_svc}:{svc.port}", "domains": service_domains(env_svc, svc.port),
+                    vhosts.append({"name": f"{fqdn(env_svc)}:{svc.port}", "domains": service_domains(env_svc, svc.port),
                                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cname, "timeout": "5s"}}]})
-        # Istio's catch-all: whatever the filter did not route is "passthrough" (404 here).
+        if self.mode == "cluster":
+            # As istiod merges envlane-sync's EnvoyFilters into its routes.
+            config = self.route_table or self.plugin_config
+            if isinstance(config, dict) and self._valid_table(config):
+                apply_route_patches(vhosts, route_patches(config))
+        # Istio's catch-all: whatever is not a known service is "passthrough" (404 here).
         vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
-            envlane_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]})
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]})
         return vhosts, clusters
+
+    @staticmethod
+    def _valid_table(config: dict) -> bool:
+        """A table envlane-sync would write (tests also start sidecars with a
+        broken one, which envlane-sync would never publish)."""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(config, f)
+        try:
+            return subprocess.run([str(SYNC), "validate", f.name], capture_output=True, timeout=30).returncode == 0
+        finally:
+            os.unlink(f.name)
 
     def start(self) -> "Mesh":
         try:

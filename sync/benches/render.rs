@@ -9,7 +9,13 @@ use envlane_sync::synthetic::cluster;
 fn bench(c: &mut Criterion) {
     let snap = cluster(10_000, 2_000, 4);
     let opts = RenderOptions::default();
-    if let Ok(r) = render(&snap.namespaces, &snap.pods, &snap.services, &opts) {
+    if let Ok(r) = render(
+        &snap.namespaces,
+        &snap.pods,
+        &snap.services,
+        &snap.virtual_services,
+        &opts,
+    ) {
         eprintln!(
             "table: {} envs, {} services, {} pairs; {} objects",
             r.stats.envs,
@@ -24,6 +30,7 @@ fn bench(c: &mut Criterion) {
                 &snap.namespaces,
                 &snap.pods,
                 &snap.services,
+                &snap.virtual_services,
                 black_box(&opts),
             )
         })

@@ -45,6 +45,10 @@ pub enum Command {
     /// strictly: unknown fields, limits and every check the filter makes.
     /// Prints one line; exits non-zero when the config is invalid.
     Validate(ValidateArgs),
+    /// Print, as JSON, the route patches cluster mode writes for a plugin
+    /// config (the `configPatches` of the route EnvoyFilters, every service
+    /// in one list) and why routes were left alone.
+    RoutePatches(RoutePatchesArgs),
     /// Print the JSON Schema (draft 2020-12) of the plugin config (the
     /// WasmPlugin's pluginConfig), made from the filter's own config types.
     /// Strict: unknown fields are refused, as `validate` refuses them. Checks
@@ -70,6 +74,16 @@ pub struct ValidateArgs {
     /// The config file (`-` for stdin).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RoutePatchesArgs {
+    /// The plugin config (JSON or YAML).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// VirtualServices to take into account (`kubectl get vs -A -o yaml`).
+    #[arg(long, value_name = "FILE")]
+    pub virtual_services: Option<PathBuf>,
 }
 
 /// Flags shared by the controller and `render`.
@@ -110,6 +124,12 @@ pub struct CommonArgs {
     /// sha256; for an `http(s)://` URL it is the module's sha256.
     #[arg(long, value_name = "HEX")]
     pub wasm_sha256: Option<String>,
+
+    /// Istio's root namespace (`meshConfig.rootNamespace`). Cluster mode
+    /// writes one route EnvoyFilter per Service there, so every sidecar
+    /// re-targets the Service's routes on the filter's decision.
+    #[arg(long, value_name = "NAMESPACE", default_value = crate::render::DEFAULT_ISTIO_ROOT_NAMESPACE)]
+    pub istio_root_namespace: String,
 
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or
     /// tracing directives such as `info,kube=warn`.
@@ -234,6 +254,7 @@ impl CommonArgs {
             wasm_plugin_name: self.wasm_plugin_name.clone(),
             wasm_url: self.wasm_url.clone(),
             wasm_sha256: self.wasm_sha256.clone(),
+            istio_root_namespace: self.istio_root_namespace.clone(),
         })
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::{ErrorKind, Metrics};
-use crate::model::{Namespace, Pod, Service};
+use crate::model::{Namespace, Pod, Service, VirtualService};
 use crate::render::{
     render, DesiredObject, InvalidLabel, Kind, ObjectKey, RenderError, RenderOptions,
 };
@@ -112,11 +112,15 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub pods: Store<Pod>,
     pub services: Store<Service>,
+    pub virtual_services: Store<VirtualService>,
 }
 
 impl Stores {
     pub fn all_synced(&self) -> bool {
-        self.namespaces.synced() && self.pods.synced() && self.services.synced()
+        self.namespaces.synced()
+            && self.pods.synced()
+            && self.services.synced()
+            && self.virtual_services.synced()
     }
 }
 
@@ -153,6 +157,9 @@ impl Shared {
     pub fn services(&self, e: StoreEvent<Service>) {
         self.update(|s| s.services.apply(e));
     }
+    pub fn virtual_services(&self, e: StoreEvent<VirtualService>) {
+        self.update(|s| s.virtual_services.apply(e));
+    }
 
     pub fn all_synced(&self) -> bool {
         self.lock().all_synced()
@@ -169,6 +176,7 @@ impl Shared {
             s.namespaces.values(),
             s.pods.values(),
             s.services.values(),
+            s.virtual_services.values(),
             opts,
         )
     }

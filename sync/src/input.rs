@@ -6,13 +6,14 @@ use envlane::config::PluginConfig;
 use k8s_openapi::api::core::v1 as corev1;
 use serde_json::Value;
 
-use crate::model::{Namespace, Pod, Service};
+use crate::model::{Namespace, Pod, Service, VirtualService};
 
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
+    pub virtual_services: Vec<VirtualService>,
 }
 
 /// Parses a YAML or JSON document stream into values (JSON is parsed as
@@ -38,7 +39,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-/// Reads Namespaces, Pods and Services out of `kubectl get ... -o yaml|json`
+/// Reads Namespaces, Pods, Services and VirtualServices out of `kubectl get ... -o yaml|json`
 /// output; other kinds are ignored.
 pub fn read_snapshot(text: &str) -> Result<Snapshot, String> {
     let mut snap = Snapshot::default();
@@ -64,6 +65,15 @@ pub fn read_snapshot(text: &str) -> Result<Snapshot, String> {
             "Service" => {
                 let svc: corev1::Service = from_value(doc, "Service")?;
                 snap.services.push(Service::from(&svc));
+            }
+            "VirtualService" => {
+                let text = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or_default();
+                let spec = doc.get("spec").cloned().unwrap_or_default();
+                snap.virtual_services.push(VirtualService::from_spec(
+                    text("/metadata/namespace"),
+                    text("/metadata/name"),
+                    &spec,
+                ));
             }
             _ => {}
         }

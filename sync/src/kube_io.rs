@@ -54,6 +54,16 @@ pub async fn run(client: Client, opts: RenderOptions, cfg: LoopConfig, metrics: 
         metrics.clone(),
         Shared::services,
     ));
+    // Which routes of a Service envlane may re-target depends on the
+    // VirtualServices for its host, in any namespace.
+    tasks.spawn(watch::<DynamicObject, model::VirtualService>(
+        Api::all_with(client.clone(), &virtual_service_resource()),
+        watcher::Config::default(),
+        backoff(),
+        shared.clone(),
+        metrics.clone(),
+        Shared::virtual_services,
+    ));
     let cluster = KubeCluster { client };
     controller::run(shared, cluster, opts, cfg, metrics).await;
     tasks.shutdown().await;
@@ -134,6 +144,13 @@ impl Backoff for RetryBackoff {
     fn reset(&mut self) {
         self.next = self.initial;
     }
+}
+
+fn virtual_service_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"),
+        "virtualservices",
+    )
 }
 
 fn api_resource(kind: Kind) -> ApiResource {

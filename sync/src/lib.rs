@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod render;
+pub mod routes;
 pub mod schema;
 pub mod selector;
 pub mod server;

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use envlane_sync::cli::{
-    Cli, Command, CommonArgs, LogFormat, RenderArgs, RunArgs, SettingsArgs, ValidateArgs,
+    Cli, Command, CommonArgs, LogFormat, RenderArgs, RoutePatchesArgs, RunArgs, SettingsArgs,
+    ValidateArgs,
 };
 use envlane_sync::controller::LoopConfig;
 use envlane_sync::metrics::Metrics;
@@ -16,6 +17,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Render(args)) => render_cmd(&args),
         Some(Command::Validate(args)) => validate_cmd(&args),
+        Some(Command::RoutePatches(args)) => route_patches_cmd(&args),
         Some(Command::Schema) => print(schema::schema_json()),
         Some(Command::Settings(args)) => settings_cmd(&args),
         Some(Command::Run(args)) => run_cmd(args),
@@ -64,6 +66,29 @@ fn validate_cmd(args: &ValidateArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
+    let text = read_input(&args.file)?;
+    let at = |e: String| format!("{}: {e}", args.file.display());
+    input::validate_plugin_config(&text).map_err(at)?;
+    let value = input::parse_documents(&text)?
+        .pop()
+        .ok_or_else(|| at("empty".into()))?;
+    let config: envlane::config::PluginConfig =
+        serde_json::from_value(value).map_err(|e| at(e.to_string()))?;
+    let table = envlane::table::RoutingTable::compile(&config, &Default::default())
+        .map_err(|e| at(e.to_string()))?;
+    let virtual_services = match &args.virtual_services {
+        Some(path) => input::read_snapshot(&read_input(path)?)?.virtual_services,
+        None => Vec::new(),
+    };
+    let refs: Vec<_> = virtual_services.iter().collect();
+    let (by_service, warnings) =
+        envlane_sync::routes::patches(&table.cluster_targets(), &refs, &config.cluster_domain);
+    let patches: Vec<_> = by_service.into_iter().flat_map(|(_, p)| p).collect();
+    let out = serde_json::json!({"configPatches": patches, "warnings": warnings});
+    print(serde_json::to_string_pretty(&out).map_err(|e| e.to_string()))
+}
+
 fn settings_cmd(args: &SettingsArgs) -> Result<(), String> {
     let settings = match &args.settings {
         Some(path) => {
@@ -88,8 +113,14 @@ fn render_cmd(args: &RenderArgs) -> Result<(), String> {
     let text = read_input(&args.file)?;
     let snap = input::read_snapshot(&text).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let started = Instant::now();
-    let rendered = render::render(&snap.namespaces, &snap.pods, &snap.services, &opts)
-        .map_err(|e| e.to_string())?;
+    let rendered = render::render(
+        &snap.namespaces,
+        &snap.pods,
+        &snap.services,
+        &snap.virtual_services,
+        &opts,
+    )
+    .map_err(|e| e.to_string())?;
     let took = started.elapsed();
     for bad in &rendered.invalid_labels {
         tracing::warn!(

@@ -123,3 +123,129 @@ impl From<&corev1::Service> for Service {
         }
     }
 }
+
+/// The parts of an Istio VirtualService that decide whether envlane can
+/// re-target its routes without changing how they behave.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VirtualService {
+    pub namespace: String,
+    pub name: String,
+    /// As written: short names resolve against `namespace`.
+    pub hosts: Vec<String>,
+    /// Applies to sidecars: `gateways` is empty or lists `mesh`.
+    pub for_mesh: bool,
+    pub http: Vec<HttpRoute>,
+}
+
+/// One `http` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpRoute {
+    /// The Envoy route istiod builds from this rule carries this name.
+    pub name: Option<String>,
+    /// Ports the rule's `match` conditions restrict it to (empty: any).
+    pub match_ports: Vec<u16>,
+    /// The one destination of a rule that forwards everything to one
+    /// host without a subset; `None` for any other shape (several weighted
+    /// destinations, a subset, a redirect, a direct response, a delegate).
+    pub plain_destination: Option<Destination>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Destination {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl VirtualService {
+    /// From a VirtualService's metadata and `spec` (any API version).
+    pub fn from_spec(namespace: &str, name: &str, spec: &serde_json::Value) -> Self {
+        use serde_json::Value;
+        let strings = |v: Option<&Value>| -> Vec<String> {
+            v.and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let gateways = strings(spec.get("gateways"));
+        let port = |v: Option<&Value>| {
+            v.and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+        };
+        let http = spec
+            .get("http")
+            .and_then(Value::as_array)
+            .map(|rules| {
+                rules
+                    .iter()
+                    .map(|rule| {
+                        let match_ports = rule
+                            .get("match")
+                            .and_then(Value::as_array)
+                            .map(|ms| ms.iter().filter_map(|m| port(m.get("port"))).collect())
+                            .unwrap_or_default();
+                        let routes = rule.get("route").and_then(Value::as_array);
+                        let other = rule.get("redirect").is_some()
+                            || rule.get("directResponse").is_some()
+                            || rule.get("delegate").is_some();
+                        let plain_destination = match routes.map(Vec::as_slice) {
+                            Some([only]) if !other => {
+                                let d = only.get("destination");
+                                let weight_ok = only
+                                    .get("weight")
+                                    .and_then(Value::as_i64)
+                                    .is_none_or(|w| w == 100 || w == 0);
+                                let host = d.and_then(|d| d.get("host")).and_then(Value::as_str);
+                                let subset =
+                                    d.and_then(|d| d.get("subset")).and_then(Value::as_str);
+                                match (host, subset) {
+                                    (Some(host), None | Some("")) if weight_ok => {
+                                        Some(Destination {
+                                            host: host.to_string(),
+                                            port: port(
+                                                d.and_then(|d| d.get("port"))
+                                                    .and_then(|p| p.get("number")),
+                                            ),
+                                        })
+                                    }
+                                    _ => None,
+                                }
+                            }
+                            _ => None,
+                        };
+                        HttpRoute {
+                            name: rule
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .filter(|n| !n.is_empty())
+                                .map(str::to_string),
+                            match_ports,
+                            plain_destination,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            hosts: strings(spec.get("hosts")),
+            for_mesh: gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
+            http,
+        }
+    }
+}
+
+impl From<&kube::api::DynamicObject> for VirtualService {
+    fn from(o: &kube::api::DynamicObject) -> Self {
+        let spec = o.data.get("spec").cloned().unwrap_or_default();
+        Self::from_spec(
+            o.metadata.namespace.as_deref().unwrap_or_default(),
+            o.metadata.name.as_deref().unwrap_or_default(),
+            &spec,
+        )
+    }
+}

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, ServiceEntry};
 use envlane::names::{fnv1a64, EnvName, Splitter, SubsetName};
-use envlane::table::{Node, RoutingTable};
+use envlane::table::{HostTemplate, Node, RoutingTable};
 use serde_json::{json, Map, Value};
 
 use crate::model::{
-    Labels, Namespace, Pod, Service, HASH_ANNOTATION, MANAGED_BY_KEY, MANAGED_BY_VALUE,
+    Labels, Namespace, Pod, Service, VirtualService, HASH_ANNOTATION, MANAGED_BY_KEY,
+    MANAGED_BY_VALUE,
 };
+use crate::routes;
 use crate::selector::LabelSelector;
 
 /// Where the WasmPlugin runs: `AUTHN` is the earliest phase Istio offers, so
@@ -22,6 +24,8 @@ pub const WASM_PHASE: &str = "AUTHN";
 pub const WASM_PRIORITY: i64 = 1000;
 /// Label on host mode's per-env Services naming the Service they copy.
 pub const SERVICE_LABEL: &str = "envlane.io/service";
+/// Label on route EnvoyFilters naming the namespace of their Service.
+pub const SERVICE_NAMESPACE_LABEL: &str = "envlane.io/service-namespace";
 /// Label on host mode's per-env Services naming their subset.
 pub const SUBSET_LABEL: &str = "envlane.io/subset";
 pub const DEFAULT_WASM_URL: &str = "oci://ghcr.io/envlane/envlane-filter:0.1.0";
@@ -36,7 +40,13 @@ pub struct RenderOptions {
     pub wasm_plugin_name: String,
     pub wasm_url: String,
     pub wasm_sha256: Option<String>,
+    /// Istio's root namespace (`meshConfig.rootNamespace`): EnvoyFilters
+    /// there apply to every sidecar.
+    pub istio_root_namespace: String,
 }
+
+/// Istio's default root namespace.
+pub const DEFAULT_ISTIO_ROOT_NAMESPACE: &str = "istio-system";
 
 impl Default for RenderOptions {
     fn default() -> Self {
@@ -46,6 +56,7 @@ impl Default for RenderOptions {
             wasm_plugin_name: "envlane".into(),
             wasm_url: DEFAULT_WASM_URL.into(),
             wasm_sha256: None,
+            istio_root_namespace: DEFAULT_ISTIO_ROOT_NAMESPACE.into(),
         }
     }
 }
@@ -54,17 +65,23 @@ impl Default for RenderOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     WasmPlugin,
+    EnvoyFilter,
     DestinationRule,
     Service,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::WasmPlugin, Kind::DestinationRule, Kind::Service];
+    pub const ALL: [Kind; 4] = [
+        Kind::WasmPlugin,
+        Kind::EnvoyFilter,
+        Kind::DestinationRule,
+        Kind::Service,
+    ];
 
     pub fn group(self) -> &'static str {
         match self {
             Kind::WasmPlugin => "extensions.istio.io",
-            Kind::DestinationRule => "networking.istio.io",
+            Kind::EnvoyFilter | Kind::DestinationRule => "networking.istio.io",
             Kind::Service => "",
         }
     }
@@ -72,6 +89,7 @@ impl Kind {
     pub fn version(self) -> &'static str {
         match self {
             Kind::WasmPlugin => "v1alpha1",
+            Kind::EnvoyFilter => "v1alpha3",
             Kind::DestinationRule | Kind::Service => "v1",
         }
     }
@@ -86,6 +104,7 @@ impl Kind {
     pub fn kind(self) -> &'static str {
         match self {
             Kind::WasmPlugin => "WasmPlugin",
+            Kind::EnvoyFilter => "EnvoyFilter",
             Kind::DestinationRule => "DestinationRule",
             Kind::Service => "Service",
         }
@@ -94,6 +113,7 @@ impl Kind {
     pub fn plural(self) -> &'static str {
         match self {
             Kind::WasmPlugin => "wasmplugins",
+            Kind::EnvoyFilter => "envoyfilters",
             Kind::DestinationRule => "destinationrules",
             Kind::Service => "services",
         }
@@ -173,12 +193,14 @@ pub fn render<'a>(
     namespaces: impl IntoIterator<Item = &'a Namespace>,
     pods: impl IntoIterator<Item = &'a Pod>,
     services: impl IntoIterator<Item = &'a Service>,
+    virtual_services: impl IntoIterator<Item = &'a VirtualService>,
     opts: &RenderOptions,
 ) -> Result<Rendered, RenderError> {
     let settings = &opts.settings;
     let splitter = Splitter::try_new(&settings.splitter)
         .map_err(|e| RenderError::Settings(format!("splitter: {e}")))?;
     let env_label = settings.env_label.as_str();
+    let template = host_template(settings)?;
 
     let opted: BTreeSet<&str> = namespaces
         .into_iter()
@@ -272,11 +294,12 @@ pub fn render<'a>(
         for (svc, envs) in &mut with_envs {
             envs.retain(|env| {
                 let subset = subset_of.get(env).copied().unwrap_or_default();
-                let name = per_env_service_name(&svc.name, subset);
+                let name = per_env_service_name(&template, svc, subset, &settings.cluster_domain)
+                    .unwrap_or_default();
                 let ok = is_dns1035_label(&name);
                 if !ok {
                     warnings.push(format!(
-                        "service {}/{} env {env}: per-env Service name `{name}` is longer than 63 characters; left out",
+                        "service {}/{} env {env}: per-env Service name `{name}` is not a DNS label of at most 63 characters; left out",
                         svc.namespace, svc.name
                     ));
                 }
@@ -319,7 +342,16 @@ pub fn render<'a>(
     service_entries.sort_by(|a, b| a.host.cmp(&b.host));
     table.services = service_entries;
     table.revision = Some(short_hash(&table));
-    RoutingTable::compile(&table, &Node::default()).map_err(RenderError::InvalidTable)?;
+    let compiled =
+        RoutingTable::compile(&table, &Node::default()).map_err(RenderError::InvalidTable)?;
+    // Cluster mode: the route patch for every service port (empty in host mode).
+    let virtual_services: Vec<&VirtualService> = virtual_services.into_iter().collect();
+    let (route_patches, route_warnings) = routes::patches(
+        &compiled.cluster_targets(),
+        &virtual_services,
+        &settings.cluster_domain,
+    );
+    warnings.extend(route_warnings);
 
     let stats = TableStats {
         envs: table.envs.len(),
@@ -337,6 +369,24 @@ pub fn render<'a>(
     for ns in &opted {
         objects.push(wasm_plugin(ns, &plugin_config, &table_hash, opts));
     }
+    let by_fqdn: HashMap<String, &Service> = with_envs
+        .iter()
+        .map(|(svc, _)| (fqdn(svc, &settings.cluster_domain), *svc))
+        .collect();
+    for (host, patches) in route_patches {
+        if let Some(svc) = by_fqdn.get(host) {
+            let mut labels = Map::new();
+            labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
+            labels.insert(SERVICE_NAMESPACE_LABEL.into(), svc.namespace.clone().into());
+            objects.push(object(
+                Kind::EnvoyFilter,
+                &opts.istio_root_namespace,
+                &routes::envoy_filter_name(&svc.namespace, &svc.name),
+                labels,
+                json!({ "configPatches": patches }),
+            ));
+        }
+    }
     for (svc, envs) in &with_envs {
         let pairs: Vec<(&str, &str)> = envs
             .iter()
@@ -346,7 +396,10 @@ pub fn render<'a>(
             Mode::Cluster => objects.push(destination_rule(svc, &pairs, opts)),
             Mode::Host => {
                 for (env, subset) in pairs {
-                    objects.push(per_env_service(svc, env, subset, env_label));
+                    let name =
+                        per_env_service_name(&template, svc, subset, &settings.cluster_domain)
+                            .unwrap_or_default();
+                    objects.push(per_env_service(svc, &name, env, subset, env_label));
                 }
             }
         }
@@ -411,10 +464,44 @@ pub fn fqdn(svc: &Service, cluster_domain: &str) -> String {
     format!("{}.{}.svc.{cluster_domain}", svc.name, svc.namespace)
 }
 
-/// Host mode's per-env Service: `<service>-<subset>`, which is what the
-/// filter's default `hostTemplate` (`{name}-{subset}.{namespace}...`) names.
-pub fn per_env_service_name(service: &str, subset: &str) -> String {
-    format!("{service}-{subset}")
+/// Host mode's per-env Service: the first label of the host the filter's
+/// `hostTemplate` renders for (service, subset) — `<service>-<subset>` with
+/// the default `{name}-{subset}.{namespace}.svc.{clusterDomain}`. `None` when
+/// the host is not a Service of the service's own namespace.
+pub fn per_env_service_name(
+    template: &HostTemplate,
+    svc: &Service,
+    subset: &str,
+    cluster_domain: &str,
+) -> Option<String> {
+    let host = template.render(&svc.name, &svc.namespace, subset, cluster_domain);
+    let rest = format!(".{}.svc.{cluster_domain}", svc.namespace);
+    host.strip_suffix(&rest)
+        .filter(|name| !name.contains('.'))
+        .map(str::to_string)
+}
+
+/// The host template, checked once: every host it renders must name a
+/// Service in the service's own namespace, or envlane-sync could not create
+/// the Services the filter routes to.
+fn host_template(settings: &PluginConfig) -> Result<HostTemplate, RenderError> {
+    let template = HostTemplate::parse(&settings.host_template)
+        .map_err(|e| RenderError::Settings(e.to_string()))?;
+    let sample = Service {
+        namespace: "ns".into(),
+        name: "svc".into(),
+        ..Service::default()
+    };
+    match per_env_service_name(&template, &sample, "subset", &settings.cluster_domain) {
+        Some(name) if is_dns1035_label(&name) => Ok(template),
+        _ => Err(RenderError::Settings(format!(
+            "hostTemplate `{}` renders `{}`, not `<name>.<namespace>.svc.{}`: \
+             envlane-sync can only create per-env Services in the Service's own namespace",
+            settings.host_template,
+            template.render("svc", "ns", "subset", &settings.cluster_domain),
+            settings.cluster_domain
+        ))),
+    }
 }
 
 fn is_dns1035_label(s: &str) -> bool {
@@ -593,7 +680,13 @@ fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions)
     )
 }
 
-fn per_env_service(svc: &Service, env: &str, subset: &str, env_label: &str) -> DesiredObject {
+fn per_env_service(
+    svc: &Service,
+    name: &str,
+    env: &str,
+    subset: &str,
+    env_label: &str,
+) -> DesiredObject {
     let mut selector: BTreeMap<&str, &str> = svc
         .selector
         .iter()
@@ -631,13 +724,7 @@ fn per_env_service(svc: &Service, env: &str, subset: &str, env_label: &str) -> D
     let mut labels = Map::new();
     labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
     labels.insert(SUBSET_LABEL.into(), subset.into());
-    object(
-        Kind::Service,
-        &svc.namespace,
-        &per_env_service_name(&svc.name, subset),
-        labels,
-        spec,
-    )
+    object(Kind::Service, &svc.namespace, name, labels, spec)
 }
 
 #[cfg(test)]

@@ -4,6 +4,16 @@ use super::*;
 use crate::model::ServicePort;
 use envlane::config::PluginConfig;
 
+/// `render` without VirtualServices (most cases do not need them).
+fn render<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    services: impl IntoIterator<Item = &'a Service>,
+    opts: &RenderOptions,
+) -> Result<Rendered, RenderError> {
+    super::render(namespaces, pods, services, &[], opts)
+}
+
 const ON: &str = "envlane.io/enabled";
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -397,6 +407,9 @@ fn cluster_mode_objects() {
             "DestinationRule/demo/envlane-java",
             "DestinationRule/demo/envlane-node",
             "WasmPlugin/empty/envlane",
+            "EnvoyFilter/istio-system/envlane-routes.demo.go",
+            "EnvoyFilter/istio-system/envlane-routes.demo.java",
+            "EnvoyFilter/istio-system/envlane-routes.demo.node",
         ]
     );
     let wp = &r.objects[0].body;
@@ -566,27 +579,79 @@ fn env_removal_changes_only_what_it_must() {
         changed,
         [
             "WasmPlugin/demo/envlane",
-            "DestinationRule/demo/envlane-node"
+            "DestinationRule/demo/envlane-node",
+            "EnvoyFilter/istio-system/envlane-routes.demo.node"
         ]
     );
     assert_ne!(before.table.revision, after.table.revision);
 }
 
+/// A host template whose hosts are not Services envlane-sync can create is
+/// refused before anything is rendered, naming what it renders.
 #[test]
-fn a_table_the_filter_refuses_is_not_published() {
+fn a_host_template_envlane_sync_cannot_follow_is_refused() {
+    for template in [
+        "{name}_{subset}.{namespace}.svc.{clusterDomain}",
+        "{subset}.{name}.{namespace}.svc.{clusterDomain}",
+        "{name}-{subset}.other.svc.{clusterDomain}",
+        "{name}-{subset}.example.com",
+    ] {
+        let settings = PluginConfig {
+            mode: Mode::Host,
+            host_template: template.into(),
+            ..PluginConfig::default()
+        };
+        let err = render(
+            &[ns("demo", true)],
+            &alibaba_pods("demo"),
+            &alibaba_services("demo"),
+            &opts_with(settings),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RenderError::Settings(_)), "{template}: {err}");
+        assert!(err.to_string().contains("hostTemplate"), "{err}");
+    }
+}
+
+/// A custom host template is followed end to end: the per-env Services are
+/// named as the filter's targets.
+#[test]
+fn a_custom_host_template_names_the_per_env_services() {
     let settings = PluginConfig {
         mode: Mode::Host,
-        host_template: "{name}_{subset}.{namespace}.svc.{clusterDomain}".into(),
+        host_template: "{subset}-{name}.{namespace}.svc.{clusterDomain}".into(),
         ..PluginConfig::default()
     };
-    let err = render(
+    let r = render(
         &[ns("demo", true)],
         &alibaba_pods("demo"),
         &alibaba_services("demo"),
-        &opts_with(settings),
+        &opts_with(settings.clone()),
     )
-    .unwrap_err();
-    assert!(matches!(err, RenderError::InvalidTable(_)), "{err}");
+    .unwrap();
+    let table = RoutingTable::compile(&r.table, &Node::default()).unwrap();
+    let services: BTreeSet<String> = r
+        .objects
+        .iter()
+        .filter(|o| o.key.kind == Kind::Service)
+        .map(|o| format!("{}.{}.svc.cluster.local", o.key.name, o.key.namespace))
+        .collect();
+    // Every host the filter can route to is a rendered Service, and back.
+    let mut targets = BTreeSet::new();
+    for entry in &r.table.services {
+        for &env in &entry.envs {
+            let subset = r.table.envs[env as usize].subset.clone().unwrap();
+            let (name, rest) = entry.host.split_once('.').unwrap();
+            let namespace = rest.split('.').next().unwrap();
+            targets.insert(format!("{subset}-{name}.{namespace}.svc.cluster.local"));
+        }
+    }
+    assert_eq!(services, targets);
+    assert!(
+        services.contains("dev-java.demo.svc.cluster.local"),
+        "{services:?}"
+    );
+    assert_eq!(table.pair_count(), targets.len());
 }
 
 #[test]
@@ -603,4 +668,206 @@ fn sha256_and_plugin_name_flags() {
     assert_eq!(r.objects[0].body["spec"]["sha256"], "ab".repeat(32));
     assert_eq!(r.objects[0].body["spec"]["url"], "oci://example/x:1");
     assert!(r.table.services.is_empty());
+}
+
+/// The route EnvoyFilter of each Service follows the table and the
+/// VirtualServices for its host: the whole virtual host without one, only
+/// the named rules that go to the Service itself with a mixed one.
+#[test]
+fn route_patches_follow_the_table_and_virtual_services() {
+    let namespaces = [ns("demo", true)];
+    let pods = alibaba_pods("demo");
+    let services = alibaba_services("demo");
+    let spec = serde_json::json!({
+        "hosts": ["go"],
+        "http": [
+            {"name": "api", "match": [{"uri": {"prefix": "/api"}}], "timeout": "2s",
+             "route": [{"destination": {"host": "go"}}]},
+            {"name": "canary", "route": [{"destination": {"host": "go", "subset": "v2"}, "weight": 10},
+                                          {"destination": {"host": "go"}, "weight": 90}]},
+            {"route": [{"destination": {"host": "go.demo.svc.cluster.local"}}]},
+        ],
+    });
+    let vs = VirtualService::from_spec("demo", "go", &spec);
+    let r = super::render(
+        &namespaces,
+        &pods,
+        &services,
+        [&vs],
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    let filter = |svc: &str| {
+        r.objects
+            .iter()
+            .find(|o| o.key.kind == Kind::EnvoyFilter && o.key.name.ends_with(svc))
+            .map(|o| o.body["spec"]["configPatches"].clone())
+            .unwrap()
+    };
+    let go = filter(".go");
+    let scopes: Vec<&Value> = go
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["match"]["routeConfiguration"]["vhost"]["route"])
+        .collect();
+    assert_eq!(
+        scopes,
+        [&serde_json::json!({"action": "ROUTE", "name": "api"})]
+    );
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("VirtualService demo/go http[2]") && w.contains("no `name`")),
+        "{:?}",
+        r.warnings
+    );
+    // A Service without VirtualService: its whole virtual host.
+    let java = filter(".java");
+    assert_eq!(
+        java[0]["match"]["routeConfiguration"]["vhost"],
+        serde_json::json!({"name": "java.demo.svc.cluster.local:8080", "route": {"action": "ROUTE"}})
+    );
+    let map = &java[0]["patch"]["value"]["route"]["inline_cluster_specifier_plugin"]["extension"]
+        ["typed_config"]["cluster_matcher"]["matcher_tree"]["exact_match_map"]["map"];
+    let targets: Vec<&String> = map.as_object().unwrap().keys().collect();
+    assert_eq!(targets.len(), 3, "java has three envs: {targets:?}");
+    // Host mode has no route patch.
+    let mut host = RenderOptions::default();
+    host.settings.mode = Mode::Host;
+    let r = render(&namespaces, &pods, &services, &host).unwrap();
+    assert!(r.objects.iter().all(|o| o.key.kind != Kind::EnvoyFilter));
+}
+
+/// Every name the filter, the companion and the manifests share comes from
+/// the one settings value: change each and every rendered object follows.
+#[test]
+fn every_rendered_object_follows_each_shared_setting() {
+    type Change = fn(&mut PluginConfig);
+    let cases: &[(&str, Change)] = &[
+        ("defaults", |_| {}),
+        ("envLabel", |s| s.env_label = "lane".into()),
+        ("clusterDomain", |s| {
+            s.cluster_domain = "corp.example".into()
+        }),
+        ("envHeader", |s| s.env_header = "x-lane".into()),
+        ("debugHeader and debug", |s| {
+            s.debug_header = "x-why".into();
+            s.debug = true;
+        }),
+        ("baggageKey", |s| s.baggage_key = Some("lane".into())),
+        ("defaultEnv", |s| s.default_env = Some("dev".into())),
+        ("splitter", |s| s.splitter = "/".into()),
+    ];
+    for (what, change) in cases {
+        let mut settings = PluginConfig::default();
+        change(&mut settings);
+        let label = settings.env_label.clone();
+        let sep = settings.splitter.clone();
+        let pods: Vec<Pod> = alibaba_pods("demo")
+            .into_iter()
+            .map(|mut p| {
+                let env = p.labels.remove("virtual-env").unwrap().replace('.', &sep);
+                p.labels.insert(label.clone(), env);
+                p
+            })
+            .collect();
+        let r = render(
+            &[ns("demo", true)],
+            &pods,
+            &alibaba_services("demo"),
+            &opts_with(settings.clone()),
+        )
+        .unwrap();
+        let domain = &settings.cluster_domain;
+        // The WasmPlugin carries the settings as the filter parses them.
+        let wasm = r
+            .objects
+            .iter()
+            .find(|o| o.key.kind == Kind::WasmPlugin)
+            .unwrap();
+        let published: PluginConfig =
+            serde_json::from_value(wasm.body["spec"]["pluginConfig"].clone()).unwrap();
+        let mut expected = settings.clone();
+        expected.envs = published.envs.clone();
+        expected.services = published.services.clone();
+        expected.revision = published.revision.clone();
+        assert_eq!(published, expected, "{what}");
+        assert_eq!(published.services.len(), 3, "{what}");
+        let subsets: BTreeMap<&str, &str> = published
+            .envs
+            .iter()
+            .map(|e| (e.name.as_str(), e.subset.as_deref().unwrap()))
+            .collect();
+        for entry in &published.services {
+            assert!(
+                entry.host.ends_with(&format!(".svc.{domain}")),
+                "{what}: {}",
+                entry.host
+            );
+            let envs: Vec<&str> = entry
+                .envs
+                .iter()
+                .map(|&i| published.envs[i as usize].name.as_str())
+                .collect();
+            // DestinationRule: the host, one subset per env selecting the env label.
+            let name = entry.host.split('.').next().unwrap();
+            let dr = r
+                .objects
+                .iter()
+                .find(|o| {
+                    o.key.kind == Kind::DestinationRule && o.key.name == format!("envlane-{name}")
+                })
+                .unwrap();
+            assert_eq!(dr.body["spec"]["host"], entry.host.as_str(), "{what}");
+            let got: BTreeMap<String, Value> = dr.body["spec"]["subsets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap().to_string(),
+                        s["labels"][&label].clone(),
+                    )
+                })
+                .collect();
+            let want: BTreeMap<String, Value> = envs
+                .iter()
+                .map(|e| (subsets[e].to_string(), Value::from(*e)))
+                .collect();
+            assert_eq!(got, want, "{what}: {}", entry.host);
+            // EnvoyFilter: the virtual host istiod names, the filter-state key
+            // the filter writes, the clusters the filter can choose.
+            let ef = r
+                .objects
+                .iter()
+                .find(|o| {
+                    o.key.kind == Kind::EnvoyFilter && o.key.name.ends_with(&format!(".{name}"))
+                })
+                .unwrap();
+            let patch = &ef.body["spec"]["configPatches"][0];
+            assert_eq!(
+                patch["match"]["routeConfiguration"]["vhost"]["name"],
+                format!("{}:8080", entry.host),
+                "{what}"
+            );
+            let m = &patch["patch"]["value"]["route"]["inline_cluster_specifier_plugin"]
+                ["extension"]["typed_config"]["cluster_matcher"];
+            assert_eq!(
+                m["matcher_tree"]["input"]["typed_config"]["key"],
+                envlane::config::ROUTE_STATE_KEY
+            );
+            let keys: BTreeSet<String> = m["matcher_tree"]["exact_match_map"]["map"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            let want: BTreeSet<String> = envs
+                .iter()
+                .map(|e| envlane::table::istio_cluster(8080, subsets[e], &entry.host))
+                .collect();
+            assert_eq!(keys, want, "{what}: {}", entry.host);
+        }
+    }
 }

@@ -149,7 +149,14 @@ fn expected(fake: &Fake, opts: &RenderOptions) -> Vec<(String, Value)> {
     }
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
     let snap = input::read_snapshot(&list).unwrap();
-    let r = render::render(&snap.namespaces, &snap.pods, &snap.services, opts).unwrap();
+    let r = render::render(
+        &snap.namespaces,
+        &snap.pods,
+        &snap.services,
+        &snap.virtual_services,
+        opts,
+    )
+    .unwrap();
     r.objects
         .into_iter()
         .map(|o| (o.key.to_string(), o.body))
@@ -161,6 +168,7 @@ fn stored(fake: &Fake) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for (resource, kind) in [
         ("wasmplugins", "WasmPlugin"),
+        ("envoyfilters", "EnvoyFilter"),
         ("destinationrules", "DestinationRule"),
         ("services", "Service"),
     ] {
@@ -184,7 +192,7 @@ fn stored(fake: &Fake) -> Vec<(String, Value)> {
         let kind = parts.next().unwrap_or_default();
         let ns = parts.next().unwrap_or_default().to_string();
         let name = parts.next().unwrap_or_default().to_string();
-        let rank = ["WasmPlugin", "DestinationRule", "Service"]
+        let rank = ["WasmPlugin", "EnvoyFilter", "DestinationRule", "Service"]
             .iter()
             .position(|k| *k == kind);
         (ns, rank, name)
@@ -232,7 +240,8 @@ async fn initial_sync_waits_for_every_list_then_writes_once() {
         "not opted in"
     );
     let writes = fake.writes();
-    assert_eq!(writes.len(), 4, "{writes:#?}");
+    // A WasmPlugin, three DestinationRules, three route EnvoyFilters.
+    assert_eq!(writes.len(), 7, "{writes:#?}");
     for w in &writes {
         assert_eq!(w.method, "PATCH");
         assert_eq!(w.content_type, "application/apply-patch+yaml");
@@ -242,12 +251,12 @@ async fn initial_sync_waits_for_every_list_then_writes_once() {
         );
         assert_eq!(w.query.get("force"), None, "no force when creating");
     }
-    // Subsets before the table that names them.
+    // Subsets and route patches before the table that names them.
     assert_eq!(writes.last().unwrap().resource, "wasmplugins");
     let text = run.metrics.to_prometheus();
     assert!(text.contains("envlane_sync_table_pairs 6"), "{text}");
     assert!(
-        text.contains("envlane_sync_writes_total{op=\"apply\"} 4"),
+        text.contains("envlane_sync_writes_total{op=\"apply\"} 7"),
         "{text}"
     );
 }

@@ -8,6 +8,7 @@
     clippy::indexing_slicing
 )]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -95,6 +96,9 @@ fn alibaba_fixture() {
             "DestinationRule/envlane-go",
             "DestinationRule/envlane-java",
             "DestinationRule/envlane-node",
+            "EnvoyFilter/envlane-routes.demo.go",
+            "EnvoyFilter/envlane-routes.demo.java",
+            "EnvoyFilter/envlane-routes.demo.node",
         ]
     );
     let t = table_of(&d);
@@ -347,15 +351,20 @@ fn objects_fit_istio_crd_schemas() {
         return;
     };
     let dr = crd_spec_schema("DestinationRule", "v1").unwrap();
+    let ef = crd_spec_schema("EnvoyFilter", "v1alpha3").unwrap();
     let (yaml, _) = render("alibaba", &["--wasm-sha256", &"0".repeat(64)]);
     let mut errors = Vec::new();
+    let mut checked = BTreeSet::new();
     for doc in docs(&yaml) {
         let schema = match doc["kind"].as_str() {
             Some("WasmPlugin") => &wasm,
             Some("DestinationRule") => &dr,
+            Some("EnvoyFilter") => &ef,
             _ => continue,
         };
+        checked.insert(doc["kind"].as_str().unwrap_or_default().to_string());
         check(&doc["spec"], schema, "spec", &mut errors);
     }
     assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(checked.len(), 3, "{checked:?}");
 }

@@ -77,7 +77,7 @@ pub struct Fake {
     release: watch::Sender<u64>,
 }
 
-const WATCHED: [&str; 3] = ["namespaces", "pods", "services"];
+const WATCHED: [&str; 4] = ["namespaces", "pods", "services", "virtualservices"];
 
 fn kind_of(resource: &str) -> (&'static str, &'static str) {
     match resource {
@@ -86,6 +86,8 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "services" => ("v1", "Service"),
         "wasmplugins" => ("extensions.istio.io/v1alpha1", "WasmPlugin"),
         "destinationrules" => ("networking.istio.io/v1", "DestinationRule"),
+        "envoyfilters" => ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+        "virtualservices" => ("networking.istio.io/v1", "VirtualService"),
         _ => ("v1", "Unknown"),
     }
 }
