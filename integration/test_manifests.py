@@ -180,8 +180,25 @@ def istio_objects() -> list[tuple[str, dict]]:
 
 def test_istio_objects_present():
     kinds = sorted(d["kind"] for _, d in istio_objects())
-    # The route EnvoyFilters are envlane-sync's to render, per namespace.
-    assert kinds == ["TrafficExtension", "WasmPlugin"]
+    # The route EnvoyFilters are envlane-sync's to render, per Service.
+    assert kinds == ["TrafficExtension", "WasmPlugin", "WasmPlugin"]
+
+
+def test_edge_overlay_strips_with_the_mesh_settings():
+    """The edge WasmPlugin: on the ingress gateway, `edge: true`, and
+    otherwise the very settings envlane-sync gives the mesh's filter."""
+    edge = one("WasmPlugin", "envlane-edge")
+    spec = edge["spec"]
+    assert edge["metadata"]["namespace"] == "istio-system"
+    assert spec["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
+    assert "match" not in spec, "all of the gateway's traffic"
+    mesh = one("WasmPlugin", "envlane")["spec"]
+    for key in ("url", "sha256", "phase", "priority", "type"):
+        assert spec[key] == mesh[key], key
+    config = dict(spec["pluginConfig"])
+    assert config.pop("edge") is True
+    assert config == mesh["pluginConfig"]
+    plugin_validator().validate(spec["pluginConfig"])
 
 
 @pytest.mark.parametrize("path,doc", istio_objects(), ids=lambda v: v if isinstance(v, str) else v.get("kind"))
@@ -191,7 +208,7 @@ def test_istio_spec_matches_crd_schema(path, doc):
 
 def test_crd_validation_catches_mistakes():
     """The validator is not vacuous: typical mistakes are refused."""
-    wp = one("WasmPlugin")
+    wp = one("WasmPlugin", "envlane")
     cases = {
         "unknown field": lambda s: s.update(failstrategy="FAIL_OPEN"),
         "bad enum": lambda s: s.update(phase="ROUTER"),
@@ -322,7 +339,7 @@ def test_host_mode_overlay():
 
 def test_wasmplugin_settings():
     pins = gen_manifests.load_pins()
-    spec = one("WasmPlugin")["spec"]
+    spec = one("WasmPlugin", "envlane")["spec"]
     assert spec["url"] == "oci://" + pins["filter"]["image"]
     assert spec["sha256"] == pins["filter"]["digest"].removeprefix("sha256:")
     assert spec["match"] == [{"mode": "CLIENT"}]
@@ -333,7 +350,7 @@ def test_wasmplugin_settings():
 
 
 def test_trafficextension_is_the_same_plugin():
-    wp = one("WasmPlugin")["spec"]
+    wp = one("WasmPlugin", "envlane")["spec"]
     te = one("TrafficExtension")["spec"]
     for key in ("phase", "priority", "match"):
         assert te[key] == wp[key], key
@@ -365,8 +382,8 @@ def test_sync_deployment_is_hardened_and_pinned():
     args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
     assert args["namespace-selector"] == "envlane.io/enabled=true"
     assert args["listen"] == "0.0.0.0:9090"
-    assert args["wasm-url"] == one("WasmPlugin")["spec"]["url"]
-    assert args["wasm-sha256"] == one("WasmPlugin")["spec"]["sha256"]
+    assert args["wasm-url"] == one("WasmPlugin", "envlane")["spec"]["url"]
+    assert args["wasm-sha256"] == one("WasmPlugin", "envlane")["spec"]["sha256"]
     assert args["settings"].startswith(c["volumeMounts"][0]["mountPath"] + "/")
     assert pod["volumes"][0]["name"] == c["volumeMounts"][0]["name"]
     pdb = one("PodDisruptionBudget")
@@ -428,7 +445,7 @@ def test_settings_files_are_envlane_sync_settings():
     assert host == envlane_sync("settings", "--settings", "-", stdin=json.dumps(gen_manifests.HOST_MODE_SETTINGS))
     assert json.loads(host) == {**json.loads(base), **gen_manifests.HOST_MODE_SETTINGS}
     # The reference objects carry the default settings and no table.
-    assert one("WasmPlugin")["spec"]["pluginConfig"] == json.loads(base)
+    assert one("WasmPlugin", "envlane")["spec"]["pluginConfig"] == json.loads(base)
 
 
 def test_sync_deployment_flags_exist():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Envoy, Mesh, ROUTE_HEADER, ecds_resource, fqdn, free_port, http_get, sidecar_bootstrap,
+from harness import (ROOT, Envoy, Mesh, ROUTE_HEADER, ecds_resource, fqdn, free_port, http_get, sidecar_bootstrap,
                      static_cluster, wait_for, wasm_filter_ecds, write_atomically)
 from test_envoy import answer, push_and_wait
 from topologies import ALIBABA, ALIBABA_CASES, load_config
@@ -103,9 +103,13 @@ class Echo(BaseHTTPRequestHandler):
 
 
 def test_the_edge_strips_env_and_debug_headers():
-    config = load_config("alibaba")
-    config.update(edge=True, debug=True, baggageKey="lane",
-                  envAliases=[{"header": "x-lane"}, {"cookie": "VirtualEnv"}])
+    import yaml
+
+    # The shipped edge WasmPlugin's config, with every env source turned on.
+    shipped = yaml.safe_load((ROOT / "wasm-plugin-manifests" / "overlays" / "edge" / "wasmplugin.yaml").read_text())
+    config = dict(shipped["spec"]["pluginConfig"])
+    assert config["edge"] is True
+    config.update(debug=True, baggageKey="lane", envAliases=[{"header": "x-lane"}, {"cookie": "VirtualEnv"}])
     echo = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     threading.Thread(target=echo.serve_forever, daemon=True).start()
     workdir = Path(tempfile.mkdtemp(prefix="envlane-edge-"))
