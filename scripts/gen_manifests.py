@@ -222,22 +222,25 @@ def plugin_metadata(pins: dict) -> dict:
     }
 
 
+def wasm_spec(pins: dict) -> dict:
+    """What every envlane WasmPlugin says about the module and its place."""
+    return {
+        "url": filter_url(pins),
+        "sha256": filter_sha(pins),
+        "imagePullPolicy": "IfNotPresent",
+        "type": "HTTP",
+        "phase": PHASE,
+        "priority": PRIORITY,
+        "failStrategy": "FAIL_OPEN",
+    }
+
+
 def wasm_plugin(pins: dict) -> dict:
     return {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
         "metadata": plugin_metadata(pins),
-        "spec": {
-            "url": filter_url(pins),
-            "sha256": filter_sha(pins),
-            "imagePullPolicy": "IfNotPresent",
-            "type": "HTTP",
-            "phase": PHASE,
-            "priority": PRIORITY,
-            "failStrategy": "FAIL_OPEN",
-            "match": [{"mode": "CLIENT"}],
-            "pluginConfig": plugin_skeleton(),
-        },
+        "spec": {**wasm_spec(pins), "match": [{"mode": "CLIENT"}], "pluginConfig": plugin_skeleton()},
     }
 
 
@@ -251,17 +254,7 @@ def edge_wasm_plugin(pins: dict) -> dict:
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
         "metadata": meta,
-        "spec": {
-            "selector": {"matchLabels": GATEWAY_SELECTOR},
-            "url": filter_url(pins),
-            "sha256": filter_sha(pins),
-            "imagePullPolicy": "IfNotPresent",
-            "type": "HTTP",
-            "phase": PHASE,
-            "priority": PRIORITY,
-            "failStrategy": "FAIL_OPEN",
-            "pluginConfig": settings(EDGE_SETTINGS),
-        },
+        "spec": {"selector": {"matchLabels": GATEWAY_SELECTOR}, **wasm_spec(pins), "pluginConfig": settings(EDGE_SETTINGS)},
     }
 
 

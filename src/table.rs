@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig};
+use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, ServiceEntry};
 use crate::limits::{MAX_PAIRS, MAX_TARGETS};
 use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
 
@@ -376,11 +376,7 @@ impl Targets {
         let mut count = 0usize;
         let mut bytes = 0usize;
         for s in &config.services {
-            let ports = match config.mode {
-                Mode::Cluster => s.ports.len(),
-                Mode::Host => 1,
-            };
-            count = count.saturating_add(s.envs.len().saturating_mul(ports));
+            count = count.saturating_add(target_count(s, config.mode));
             if config.mode == Mode::Cluster {
                 // outbound|PORT|SUBSET|FQDN
                 let fixed: usize = s.ports.iter().map(|p| 11 + decimal_len(*p)).sum();
@@ -435,17 +431,23 @@ impl Targets {
     }
 }
 
+/// A service's targets: one per env and port in cluster mode, per env in
+/// host mode.
+fn target_count(s: &ServiceEntry, mode: Mode) -> usize {
+    let ports = match mode {
+        Mode::Cluster => s.ports.len(),
+        Mode::Host => 1,
+    };
+    s.envs.len().saturating_mul(ports)
+}
+
 /// The pair and target limits, counted before the target buffer is sized.
 fn check_sizes(config: &PluginConfig) -> Result<(), ConfigError> {
     let mut pairs = 0usize;
     let mut targets = 0usize;
     for s in &config.services {
-        let ports = match config.mode {
-            Mode::Cluster => s.ports.len(),
-            Mode::Host => 1,
-        };
         pairs = pairs.saturating_add(s.envs.len());
-        targets = targets.saturating_add(s.envs.len().saturating_mul(ports));
+        targets = targets.saturating_add(target_count(s, config.mode));
     }
     if pairs > MAX_PAIRS {
         return Err(ConfigError::new(
