@@ -379,7 +379,6 @@ class ControlPlane:
             # Endpoints validation rejects; nothing here needs them.
             "--endpoint-reconciler-type", "none",
             "--profiling=false",
-            "--v", "1",
         ])
 
         def ready() -> bool:

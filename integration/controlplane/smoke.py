@@ -87,6 +87,15 @@ def create_objects(cp: ControlPlane) -> None:
     })
     # The ServiceAccount admission plugin refuses Pods whose account does not
     # exist, and no controller-manager is here to create "default".
+    # A Node object (there is no kubelet behind it) for the Pods' nodeName;
+    # istiod reads its locality labels.
+    cp.api("POST", "/api/v1/nodes", {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-0", "labels": {
+            "topology.kubernetes.io/region": "local", "topology.kubernetes.io/zone": "local-a",
+        }},
+    })
     cp.api("POST", f"/api/v1/namespaces/{NS}/serviceaccounts", {
         "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "smoke"},
     })
@@ -172,7 +181,17 @@ def main() -> int:
         node_id = f"sidecar~{CLIENT_IP}~{proxy_id}~{NS}.svc.{DOMAIN}"
         with xds.AdsStream(cp.istiod_grpc, node_id, sidecar_metadata()) as ads:
             clusters = [xds.resource_name(r) for _, r in ads.request(xds.CLUSTER)]
-            print(f"CDS for {node_id}: {len(clusters)} clusters")
+            print(f"CDS for {node_id}: first answer {len(clusters)} clusters")
+            if WANT not in clusters:
+                # istiod debounces registry changes: the Service can come one push later.
+                def has_want(resources) -> bool:
+                    return WANT in {xds.resource_name(r) for _, r in resources}
+
+                try:
+                    clusters = [xds.resource_name(r) for _, r in ads.wait_for(xds.CLUSTER, has_want, 30)]
+                except xds.XdsError as e:
+                    raise ControlPlaneError(f"{WANT} not in CDS: {sorted(clusters)} ({e})") from None
+                print(f"CDS push: {len(clusters)} clusters")
             outbound = sorted(c for c in clusters if c.startswith("outbound|") and c.endswith(f"|{FQDN}"))
             for c in outbound:
                 print(f"  {c}")

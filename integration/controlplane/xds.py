@@ -291,6 +291,18 @@ class AdsStream:
             # A push of another type we subscribed to earlier: ACK and go on.
             self.send(resp["type_url"], (), resp["version_info"], resp["nonce"])
 
+    def wait_for(self, type_url: str, done, timeout: float | None = None) -> list[tuple[str, bytes]]:
+        """Keep ACKing pushes until a response of type_url satisfies
+        done(resources); return those resources. Call after request():
+        istiod debounces changes, so a new Service can reach a connected
+        proxy one push after the first answer."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            resp = self.receive(deadline)
+            self.send(resp["type_url"], (), resp["version_info"], resp["nonce"])
+            if resp["type_url"] == type_url and done(resp["resources"]):
+                return resp["resources"]
+
     def receive(self, deadline: float) -> dict:
         """Next DiscoveryResponse on the stream."""
         while True:
