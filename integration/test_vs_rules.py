@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Envoy, apply_route_patches, ecds_resource, fqdn, free_port, http_get, service_domains,
-                     sidecar_bootstrap, static_cluster, wasm_filter_ecds, write_atomically)
+from harness import (Envoy, apply_route_patches, ecds_resource, fqdn, free_port, http_get, route_patches,
+                     service_domains, sidecar_bootstrap, static_cluster, wait_for, wasm_filter_ecds,
+                     write_atomically)
 
 JAVA = fqdn("java")
 BASE = f"outbound|8080||{JAVA}"
@@ -55,7 +56,8 @@ spec:
 
 class Pod(BaseHTTPRequestHandler):
     """An echo pod: answers its name and the headers it got. `x-sleep`
-    delays the answer; `x-fail-once: ID` fails the first attempt of ID."""
+    delays the answer (a slow upstream, for the route timeout);
+    `x-fail-once: ID` fails the first attempt of ID."""
 
     name = "?"
     seen: list = []
@@ -117,9 +119,6 @@ def istiod_routes() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sidecar():
-    from harness import ROOT  # noqa: F401 - the module builds paths from it
-    from harness import route_patches
-
     servers = {n: pod(n) for n in ["java-dev", "java-proj1", "other", "mirror"]}
     port = lambda n: servers[n][0].server_address[1]  # noqa: E731
     clusters = [static_cluster(BASE, port("java-dev"), False), static_cluster(FEATURE, port("java-proj1"), False),
@@ -163,10 +162,7 @@ def test_envlane_picks_the_pod_and_the_rules_still_apply(sidecar, env, pod_name)
     # Mirroring: the mirror got a copy.
     marker = f"mirror-{env}"
     call(**headers, x_mark=marker)
-    deadline = time.monotonic() + 5
-    while not any(h.get("x-mark") == marker for h in pods["mirror"].seen) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert any(h.get("x-mark") == marker for h in pods["mirror"].seen)
+    wait_for(lambda: any(h.get("x-mark") == marker for h in pods["mirror"].seen), "the mirrored copy", 5)
     # Retries: the first attempt fails, the route's retry policy tries again, on the same env.
     status, body = call(**headers, x_fail_once=f"retry-{env}")
     assert (status, body["pod"]) == (200, pod_name), body
