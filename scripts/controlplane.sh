@@ -3,7 +3,10 @@
 # modules, pinned by integration/controlplane/{go.mod,go.sum} and
 # integration/controlplane/istiod/{go.mod,go.sum}.
 #
-#   scripts/controlplane.sh build   build whatever is missing, print where
+#   scripts/controlplane.sh build [NAME...]
+#                                   build whatever is missing (all four, or
+#                                   just NAME: etcd, kube-apiserver, kubectl,
+#                                   pilot-discovery), print where
 #   scripts/controlplane.sh env     print shell exports of the binary paths
 #                                   (eval "$(scripts/controlplane.sh env)")
 #   scripts/controlplane.sh paths   print "name path" for every binary
@@ -81,9 +84,10 @@ require_go() {
 
 cmd_build() {
   require_go
-  local entry name mod pkg ld dir out start end
+  local entry name mod pkg ld dir out start end want=" $* "
   for entry in "${binaries[@]}"; do
     IFS='|' read -r name mod pkg ld <<<"$entry"
+    [[ $# -eq 0 || "$want" == *" $name "* ]] || continue
     dir="$(bin_dir "$mod")"
     out="$dir/$name"
     if [[ -x "$out" ]]; then
@@ -128,11 +132,11 @@ cmd_env() {
 }
 
 case "${1:-}" in
-  build) cmd_build ;;
+  build) shift; cmd_build "$@" ;;
   env) cmd_env ;;
   paths) require_go; cmd_paths ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
     ;;
 esac

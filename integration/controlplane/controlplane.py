@@ -520,8 +520,18 @@ class ControlPlane:
             return raw.decode(errors="replace")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so `with ControlPlane()` cleans up."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 if __name__ == "__main__":
-    # Start everything, print where it is, and wait for Ctrl-C.
+    # Start everything, print where it is, and wait for Ctrl-C (or SIGTERM).
+    _interrupt_on_sigterm()
     with ControlPlane(keep="--keep" in sys.argv) as cp:
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f"# istiod http {cp.istiod_url}  xds {cp.istiod_grpc}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from controlplane import DOMAIN, ControlPlane, ControlPlaneError  # noqa: E402
+from controlplane import DOMAIN, ControlPlane, ControlPlaneError, _interrupt_on_sigterm  # noqa: E402
 import xds  # noqa: E402
 
 NS = "envlane-smoke"
@@ -216,6 +216,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    _interrupt_on_sigterm()
     try:
         sys.exit(main())
     except (ControlPlaneError, xds.XdsError) as e:
