@@ -447,8 +447,8 @@ class ControlPlane:
         assert self.crds
         if not self.crds.is_file():
             raise ControlPlaneError(f"Istio CRDs not found: {self.crds}")
-        # Server-side: some of Istio's CRDs are larger than the 256 KiB
-        # last-applied annotation a client-side apply would write.
+        # Server-side apply: no last-applied-configuration annotation (a
+        # second copy of every large CRD), and the API server does the merge.
         self.kubectl("apply", "--server-side", "--field-manager", "envlane", "-f", str(self.crds))
         self.kubectl("wait", "--for", "condition=Established", "crd", "--all", "--timeout", "120s")
         n = len(self.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"])

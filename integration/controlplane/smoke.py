@@ -192,9 +192,10 @@ def main() -> int:
                 except xds.XdsError as e:
                     raise ControlPlaneError(f"{WANT} not in CDS: {sorted(clusters)} ({e})") from None
                 print(f"CDS push: {len(clusters)} clusters")
+            print(f"  all: {sorted(clusters)}")
             outbound = sorted(c for c in clusters if c.startswith("outbound|") and c.endswith(f"|{FQDN}"))
             for c in outbound:
-                print(f"  {c}")
+                print(f"  outbound for {SVC}: {c}")
             if WANT not in clusters:
                 raise ControlPlaneError(f"{WANT} not in CDS: {sorted(clusters)}")
             cla = ads.request(xds.ENDPOINT, [WANT])
