@@ -142,14 +142,11 @@ def create_objects(cp: ControlPlane) -> None:
 
 
 def wait_registry(cp: ControlPlane, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listed():
         reg = cp.istiod_get("/debug/registryz")
-        for s in reg if isinstance(reg, list) else []:
-            if s.get("hostname") == FQDN:
-                return s
-        time.sleep(0.5)
-    raise ControlPlaneError(f"istiod's /debug/registryz never listed {FQDN}")
+        return next((s for s in (reg if isinstance(reg, list) else []) if s.get("hostname") == FQDN), None)
+
+    return cp._wait(f"istiod's /debug/registryz to list {FQDN}", listed, timeout)
 
 
 def sidecar_metadata() -> dict:
