@@ -140,6 +140,7 @@ class ControlPlane:
         keep: bool = False,
         verbose: bool = True,
         istiod_env: dict[str, str] | None = None,
+        mesh_config: str = "",
     ):
         self.want_istiod = istiod
         self.crds = Path(crds) if crds else None
@@ -147,6 +148,7 @@ class ControlPlane:
         self.keep = keep or os.environ.get("ENVLANE_CONTROLPLANE_KEEP") == "1"
         self.verbose = verbose
         self.istiod_env = istiod_env or {}
+        self.mesh_config = mesh_config
         self.dir: Path | None = None
         self.procs: list[_Proc] = []
         self.ports: dict[str, int] = {}
@@ -354,9 +356,9 @@ class ControlPlane:
 
     # -- kube-apiserver ----------------------------------------------------
 
-    def _start_apiserver(self) -> None:
+    def _start_apiserver(self, port: int | None = None) -> None:
         assert self.dir
-        port = free_port()
+        port = port or free_port()
         self.ports["kube-apiserver"] = port
         self.server = f"https://127.0.0.1:{port}"
         pki = self.pki
@@ -386,6 +388,31 @@ class ControlPlane:
 
         self._wait("kube-apiserver /readyz", ready, 180, p)
         self._say(f"kube-apiserver on {self.server}")
+
+    def restart_apiserver(self, while_down=None) -> None:
+        """Stops kube-apiserver (every watch on it ends), runs `while_down`,
+        starts it again on the same port and waits for /readyz."""
+        (old,) = [p for p in self.procs if p.name == "kube-apiserver"]
+        old.stop()
+        self.procs.remove(old)
+        if while_down is not None:
+            while_down()
+        self._start_apiserver(self.ports["kube-apiserver"])
+
+    def etcd_compact(self) -> int:
+        """Compacts etcd's history up to its current revision (what etcd does
+        on its own over time): every watch from an older resourceVersion is
+        then answered 410 Gone. Returns the revision."""
+        def post(path: str, body: dict) -> dict:
+            req = urllib.request.Request(
+                self.etcd_url + path, data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.load(r)
+
+        rev = int(post("/v3/kv/range", {"key": "AA==", "limit": 1})["header"]["revision"])
+        post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        return rev
 
     def _write_kubeconfig(self) -> None:
         assert self.dir
@@ -471,6 +498,7 @@ class ControlPlane:
             f"trustDomain: {DOMAIN}\n"
             "defaultConfig:\n"
             f"  discoveryAddress: 127.0.0.1:{grpc}\n"
+            + self.mesh_config
         )
         env = {
             "POD_NAME": "istiod-envlane",
