@@ -18,6 +18,10 @@ import sidecar  # noqa: E402
 from cluster import Cluster, pod_ips_are_local  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from install import BASE, EnvlaneSync, install  # noqa: E402
+from mesh import DeployedMesh  # noqa: E402
+
+# Figures the tests measure (name -> text), printed at the end of the run.
+FIGURES: dict[str, str] = {}
 
 
 def pytest_configure(config):
@@ -71,3 +75,30 @@ def start_sync(cp, workdir):
     yield start
     for s in running:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def deploy(cp, cluster, workdir):
+    """deploy(ns, topology, opted_in) -> a started DeployedMesh; all stopped
+    at the end of the module."""
+    meshes: list[DeployedMesh] = []
+
+    def start(ns: str, topology, opted_in: bool = True) -> DeployedMesh:
+        labels = {"istio-injection": "enabled"}
+        if opted_in:
+            labels["envlane.io/enabled"] = "true"
+        cluster.namespace(ns, labels)
+        mesh = DeployedMesh(cluster, ns, topology, workdir, cp.istiod_grpc)
+        meshes.append(mesh)
+        return mesh.start()
+
+    yield start
+    for m in meshes:
+        m.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("e2e figures")
+        for name, text in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {text}")

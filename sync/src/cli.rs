@@ -47,7 +47,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print, as JSON, the route patches cluster mode writes for a plugin
     /// config (the `configPatches` of the route EnvoyFilters, every service
-    /// in one list) and why routes were left alone.
+    /// in one list), why routes were left alone, and every cluster the
+    /// filter can choose (`targets`).
     RoutePatches(RoutePatchesArgs),
     /// Print the JSON Schema (draft 2020-12) of the plugin config (the
     /// WasmPlugin's pluginConfig), made from the filter's own config types.

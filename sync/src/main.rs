@@ -82,10 +82,17 @@ fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
         None => Vec::new(),
     };
     let refs: Vec<_> = virtual_services.iter().collect();
+    let port_targets = table.cluster_targets();
+    // Every cluster the filter can choose for this table: what istiod must
+    // have generated (the real-control-plane suite checks it does).
+    let targets: Vec<&str> = port_targets
+        .iter()
+        .flat_map(|p| p.targets.iter().copied())
+        .collect();
     let (by_service, warnings) =
-        envlane_sync::routes::patches(&table.cluster_targets(), &refs, &config.cluster_domain);
+        envlane_sync::routes::patches(&port_targets, &refs, &config.cluster_domain);
     let patches: Vec<_> = by_service.into_iter().flat_map(|(_, p)| p).collect();
-    let out = serde_json::json!({"configPatches": patches, "warnings": warnings});
+    let out = serde_json::json!({"configPatches": patches, "warnings": warnings, "targets": targets});
     print(serde_json::to_string_pretty(&out).map_err(|e| e.to_string()))
 }
 
