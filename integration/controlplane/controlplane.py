@@ -477,8 +477,19 @@ class ControlPlane:
         # Server-side apply: no last-applied-configuration annotation (a
         # second copy of every large CRD), and the API server does the merge.
         self.kubectl("apply", "--server-side", "--field-manager", "envlane", "-f", str(self.crds))
-        self.kubectl("wait", "--for", "condition=Established", "crd", "--all", "--timeout", "120s")
-        n = len(self.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"])
+        # Polled here, not `kubectl wait --for condition=Established crd --all`:
+        # that fails outright ("status.conditions accessor error: <nil>") on a
+        # CRD the API server has not given conditions yet.
+        def established() -> int:
+            crds = self.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"]
+            ok = all(
+                any(c["type"] == "Established" and c["status"] == "True"
+                    for c in crd.get("status", {}).get("conditions") or [])
+                for crd in crds
+            )
+            return len(crds) if ok and crds else 0
+
+        n = self._wait("Istio CRDs Established", established, 120)
         self._say(f"applied Istio CRDs ({n} established)")
 
     # -- istiod ------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cluster import Cluster
 from harness import TESTAPP, Process, Topology, wait_for
-from sidecar import POD_LABEL, Sidecar, sidecar_resource
+from sidecar import POD_LABEL, Sidecar, ecds_table, sidecar_resource
 
 SERVICE_PORT = 8080  # what callers use (the sidecar's egress port)
 APP_PORT = 9080  # where the apps listen (the Services' targetPort)
@@ -73,6 +73,23 @@ class DeployedMesh:
         for sc in self.sidecars.values():
             sc.envoy.wait_ready()
         return self
+
+    def wait_table(self, timeout: float = 60.0) -> dict:
+        """Waits until envlane-sync's WasmPlugin in this namespace has a table
+        with every env of the topology and every sidecar's filter holds that
+        table (istiod pushed it over ECDS); returns it."""
+        envs = {env for s in self.topology.services for env in s.envs}
+
+        def converged():
+            wp = self.cluster.get("extensions.istio.io/v1alpha1", "WasmPlugin", self.ns, "envlane")
+            table = wp and wp["spec"]["pluginConfig"]
+            # The env list is shared by every opted-in namespace: a superset.
+            if not table or not envs <= {e["name"] for e in table.get("envs", [])}:
+                return None
+            held = all(ecds_table(sc.config_dump()) == table for sc in self.sidecars.values())
+            return held and table
+
+        return wait_for(converged, f"the {self.ns} table in every sidecar", timeout)
 
     @property
     def client(self) -> Sidecar:

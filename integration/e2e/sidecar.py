@@ -183,6 +183,18 @@ def ecds(dump: dict) -> dict[str, dict]:
     return {e["ecds_filter"]["name"]: e for e in sec.get("ecds_filters", [])}
 
 
+def envlane_ecds(dump: dict) -> dict | None:
+    """The envlane filter's ECDS entry (istiod names it after the WasmPlugin)."""
+    found = [e for name, e in ecds(dump).items() if "envlane" in name]
+    return found[0] if found else None
+
+
+def ecds_table(dump: dict) -> dict | None:
+    """The plugin config (the table) the sidecar's envlane filter holds."""
+    entry = envlane_ecds(dump)
+    return entry and json.loads(entry["ecds_filter"]["typed_config"]["config"]["configuration"]["value"])
+
+
 def clusters(dump: dict) -> dict[str, dict]:
     sec = sections(dump)["ClustersConfigDump"]
     return {c["cluster"]["name"]: c["cluster"] for c in sec.get("dynamic_active_clusters", [])}
