@@ -7,7 +7,12 @@
 #   ./build.sh wasm       only the Wasm filter
 #   ./build.sh images     the filter, then the OCI images
 #   ./build.sh demo       build the filter, then run the local multi-pod demo in real Envoy
-#   ./build.sh test       run every test (lints, native, real-Envoy integration, manifests)
+#   ./build.sh test       run every test (lints, native, real-Envoy integration, manifests,
+#                         then the e2e suite below)
+#   ./build.sh e2e        the real-control-plane suite: builds (once, cached) etcd,
+#                         kube-apiserver, kubectl and istiod from their pinned Go modules,
+#                         installs envlane with kubectl apply -k, runs envlane-sync with its
+#                         ServiceAccount's token and real Envoy sidecars configured by istiod
 #   ./build.sh bench      the benchmarks (figures go to BENCHMARKS.md by hand)
 #   ./build.sh setup      install what the above need (Rust target, Envoy, Python deps)
 set -euo pipefail
@@ -86,6 +91,21 @@ build_sync() {
   cargo build --quiet --release -p envlane-sync
 }
 
+# The real-control-plane suite (integration/e2e). Needs Go (the version in
+# integration/controlplane/go.mod; Go fetches a newer toolchain itself when
+# GOTOOLCHAIN allows), openssl, curl and unshare/ip (util-linux, iproute2):
+# the suite runs in its own network namespace (integration/e2e/netns.sh).
+e2e() {
+  local tool
+  for tool in go openssl curl unshare ip; do
+    command -v "$tool" >/dev/null || { echo "e2e needs '$tool' on PATH" >&2; exit 1; }
+  done
+  log "control plane binaries (built from Go modules once, then cached)"
+  scripts/controlplane.sh build
+  log "real control plane suite (kube-apiserver, istiod, envlane-sync, Envoy sidecars)"
+  ENVOY_BIN=$(envoy_bin) integration/e2e/netns.sh python3 -m pytest -q -p no:cacheprovider integration/e2e
+}
+
 case "${1:-build}" in
   setup) setup ;;
   wasm) build_wasm ;;
@@ -121,12 +141,18 @@ case "${1:-build}" in
     log "native tests"
     cargo nextest run --workspace --no-fail-fast
     log "real-Envoy integration and manifest tests"
-    ENVOY_BIN=$(envoy_bin) python3 -m pytest -q integration
+    ENVOY_BIN=$(envoy_bin) python3 -m pytest -q --ignore=integration/e2e integration
+    e2e
+    ;;
+  e2e)
+    build_wasm
+    build_native
+    e2e
     ;;
   bench)
     build_wasm
     build_native
     python3 benches/run.py "${@:2}"
     ;;
-  *) echo "usage: $0 [build|wasm|images|manifests|demo|test|bench|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|wasm|images|manifests|demo|test|e2e|bench|setup]" >&2; exit 2 ;;
 esac

@@ -29,7 +29,19 @@ def shop(cp, cluster, start_sync, deploy):
     cluster.sync_endpoints(NS, NO_ENV_SERVICE)
     table = mesh.wait_table()
     fqdns = {mesh.fqdn(s.name) for s in ALIBABA.services}
-    wait_for(lambda: fqdns <= patched_hosts(route(mesh.client.config_dump())), "the route patches", 60)
+    targets = set(filter_targets(table))
+
+    def pushed() -> bool:
+        """istiod pushed all envlane wrote: every sidecar has its egress
+        listener, the client has every env cluster and every route patch."""
+        for m in (mesh, plain):
+            for sidecar in m.sidecars.values():
+                if f"{sidecar.ip}_8080" not in sc.listeners(sidecar.config_dump()):
+                    return False
+        dump = mesh.client.config_dump()
+        return targets <= set(sc.clusters(dump)) and fqdns <= patched_hosts(route(dump))
+
+    wait_for(pushed, "istiod's push of what envlane-sync wrote", 60)
     return mesh, plain, sync, table
 
 
