@@ -125,7 +125,8 @@ def managed(cluster, api: str, kind: str, ns: str | None = None) -> list[dict]:
 
 
 def lane_state(cluster, ns: str, svc: str) -> tuple[set[str], set[str], bool]:
-    """(envs in the table, envs in the DestinationRule, route EnvoyFilter exists)."""
+    """(envs in the table, envs in the DestinationRule, route EnvoyFilter
+    exists). The table is one for the mesh: tenant-a's WasmPlugin has all."""
     envs = (table(cluster, NS_A) or {}).get(fqdn(ns, svc), set())
     return envs, set(subsets(cluster, ns, svc) or {}), route_filter(cluster, ns, svc) is not None
 
@@ -166,18 +167,34 @@ def ready_envs_by_host(cluster) -> dict[str, set[str]]:
 # -- 1. the objects --------------------------------------------------------
 
 
-def test_writes_table_destination_rules_and_route_filters(cluster, sync):
-    def fixture_hosts_converged():
-        t = table(cluster, NS_A)
-        return t is not None and {h: t.get(h) for h in EXPECTED} == EXPECTED
+def in_namespace(hosts, ns: str) -> set[str]:
+    """Service names of the hosts in namespace `ns`."""
+    return {h.split(".")[0] for h in hosts if h.endswith(f".{ns}.svc.cluster.local")}
 
-    sync.wait(fixture_hosts_converged, "the starting table in tenant-a's WasmPlugin", WAIT)
-    # The whole table (one per mesh: every opted-in namespace's Services) is
-    # what the Ready pods call for, and every opted-in namespace has the same.
-    sync.wait(lambda: table(cluster, NS_A) == ready_envs_by_host(cluster), "table == Ready pods", WAIT)
+
+def test_writes_table_destination_rules_and_route_filters(cluster, sync):
+    def converged():
+        # The whole table (one per mesh: every opted-in namespace's Services)
+        # is what the Ready pods call for, and every opted-in namespace has
+        # the same; one DestinationRule and one route EnvoyFilter per
+        # Service of the table.
+        t = table(cluster, NS_A)
+        if t is None or {h: t.get(h) for h in EXPECTED} != EXPECTED or t != ready_envs_by_host(cluster):
+            return False
+        if plugin_config(cluster, NS_B) != plugin_config(cluster, NS_A):
+            return False
+        for ns in (NS_A, NS_B):
+            drs = {d["metadata"]["name"] for d in managed(cluster, DR_API, "DestinationRule", ns)}
+            efs = {e["metadata"]["name"]
+                   for e in cluster.list(EF_API, "EnvoyFilter", ROOT_NS, f"envlane.io/service-namespace={ns}")}
+            if (drs, efs) != ({f"envlane-{s}" for s in in_namespace(t, ns)},
+                              {f"envlane-routes.{ns}.{s}" for s in in_namespace(t, ns)}):
+                return False
+        return True
+
+    sync.wait(converged, "the starting table, DestinationRules and route EnvoyFilters", WAIT)
     cfg = plugin_config(cluster, NS_A)
     print("tenant-a pluginConfig:", json.dumps(cfg, indent=1))
-    assert plugin_config(cluster, NS_B) == cfg
     t = table(cluster, NS_A)
     for host in ABSENT:
         assert host not in t, host
@@ -198,23 +215,15 @@ def test_writes_table_destination_rules_and_route_filters(cluster, sync):
     assert wp["spec"]["match"] == [{"mode": "CLIENT"}]
     assert (wp["spec"]["phase"], wp["spec"]["failStrategy"]) == ("AUTHN", "FAIL_OPEN")
 
-    # DestinationRules: one per Service with env pods in each of my opted-in
-    # namespaces, one subset per env, named as in the table.
-    for ns in (NS_A, NS_B):
-        want = {f"envlane-{h.split('.')[0]}" for h in t if h.endswith(f".{ns}.svc.cluster.local")}
-        assert {d["metadata"]["name"] for d in managed(cluster, DR_API, "DestinationRule", ns)} == want
+    # DestinationRules: one subset per env, named as in the table.
     for host, envs in EXPECTED.items():
         svc, ns = host.split(".")[:2]
         dr = cluster.get(DR_API, "DestinationRule", ns, f"envlane-{svc}")
         assert dr["spec"]["host"] == host
         assert subsets(cluster, ns, svc) == {e: subset_of[e] for e in envs}
 
-    # Route EnvoyFilters in Istio's root namespace, one per such Service,
-    # re-targeting to each env's subset cluster, else the route's own.
-    for ns in (NS_A, NS_B):
-        efs = cluster.list(EF_API, "EnvoyFilter", ROOT_NS, f"envlane.io/service-namespace={ns}")
-        want = {f"envlane-routes.{ns}.{h.split('.')[0]}" for h in t if h.endswith(f".{ns}.svc.cluster.local")}
-        assert {e["metadata"]["name"] for e in efs} == want
+    # Route EnvoyFilters (Istio's root namespace): each env's subset cluster,
+    # else the route's own.
     for host, envs in EXPECTED.items():
         svc, ns = host.split(".")[:2]
         ef = route_filter(cluster, ns, svc)
@@ -237,27 +246,44 @@ def test_writes_table_destination_rules_and_route_filters(cluster, sync):
 
 
 def test_objects_are_server_side_applied_by_its_field_manager(cluster, sync):
-    sync.wait(lambda: table(cluster, NS_B), "tenant-b's WasmPlugin", WAIT)
-    written = []
-    for api, kind in ((WASM_API, "WasmPlugin"), (DR_API, "DestinationRule"), (EF_API, "EnvoyFilter")):
-        for obj in cluster.list(api, kind):
-            entries = [m for m in obj["metadata"].get("managedFields", []) if m["manager"] == MANAGER]
-            if entries or obj["metadata"].get("labels", {}).get(MANAGED_BY[0]) == MANAGED_BY[1]:
-                written.append((kind, obj["metadata"]["namespace"], obj["metadata"]["name"], obj, entries))
-    names = {(k, ns, n) for k, ns, n, _, _ in written}
+    def its_objects() -> dict:
+        """Every object of its kinds in this module's namespaces (route
+        EnvoyFilters: those for their Services) that it either labels or
+        has a managedFields entry in: (kind, ns, name) -> (metadata, entries)."""
+        candidates = [(kind, o) for ns in MINE
+                      for api, kind in ((WASM_API, "WasmPlugin"), (DR_API, "DestinationRule"))
+                      for o in cluster.list(api, kind, ns)]
+        candidates += [("EnvoyFilter", o) for o in cluster.list(EF_API, "EnvoyFilter", ROOT_NS)
+                       if o["metadata"].get("labels", {}).get("envlane.io/service-namespace") in MINE
+                       or o["metadata"]["name"].startswith(tuple(f"envlane-routes.{ns}." for ns in MINE))]
+        out = {}
+        for kind, obj in candidates:
+            meta = obj["metadata"]
+            entries = [m for m in meta.get("managedFields", []) if m["manager"] == MANAGER]
+            if entries or meta.get("labels", {}).get(MANAGED_BY[0]) == MANAGED_BY[1]:
+                out[(kind, meta["namespace"], meta["name"])] = (meta, entries)
+        return out
+
     # At least everything test 1 describes.
-    assert {("WasmPlugin", NS_A, "envlane"), ("WasmPlugin", NS_B, "envlane"),
-            ("DestinationRule", NS_A, "envlane-cart"), ("DestinationRule", NS_B, "envlane-search"),
-            ("EnvoyFilter", ROOT_NS, "envlane-routes.tenant-a.pay")} <= names
-    for kind, ns, name, obj, entries in written:
-        assert obj["metadata"]["labels"].get(MANAGED_BY[0]) == MANAGED_BY[1], (kind, ns, name)
-        assert [m["operation"] for m in entries] == ["Apply"], (kind, ns, name, entries)
-        assert "envlane.io/content-hash" in obj["metadata"]["annotations"], (kind, ns, name)
-    # It writes nothing else: no Namespace, Pod or Service bears its manager.
-    for kind in ("Namespace", "Pod", "Service"):
-        for obj in cluster.list("v1", kind):
-            assert all(m["manager"] != MANAGER for m in obj["metadata"].get("managedFields", [])), \
-                (kind, obj["metadata"].get("namespace"), obj["metadata"]["name"])
+    required = {("WasmPlugin", NS_A, "envlane"), ("WasmPlugin", NS_B, "envlane"),
+                ("DestinationRule", NS_A, "envlane-cart"), ("DestinationRule", NS_A, "envlane-pay"),
+                ("DestinationRule", NS_B, "envlane-search"),
+                ("EnvoyFilter", ROOT_NS, "envlane-routes.tenant-a.cart"),
+                ("EnvoyFilter", ROOT_NS, "envlane-routes.tenant-a.pay"),
+                ("EnvoyFilter", ROOT_NS, "envlane-routes.tenant-b.search")}
+    written = sync.wait(lambda: (w := its_objects()) and required <= set(w) and w, "its objects", WAIT)
+    for key, (meta, entries) in written.items():
+        assert meta["labels"].get(MANAGED_BY[0]) == MANAGED_BY[1], key
+        assert [m["operation"] for m in entries] == ["Apply"], (key, entries)
+        assert "envlane.io/content-hash" in meta["annotations"], key
+    # It writes nothing else: no Namespace, Pod or Service of these
+    # namespaces bears its field manager.
+    others = [("Namespace", o) for o in cluster.list("v1", "Namespace")]
+    others += [(kind, o) for ns in MINE for kind in ("Pod", "Service") for o in cluster.list("v1", kind, ns)]
+    for kind, obj in others:
+        meta = obj["metadata"]
+        assert all(m["manager"] != MANAGER for m in meta.get("managedFields", [])), \
+            (kind, meta.get("namespace"), meta["name"])
 
 
 # -- 3. only Ready pods ----------------------------------------------------
@@ -289,9 +315,9 @@ def test_only_ready_pods_count(cluster, sync):
                 cluster.pod(NS_A, pod, labels("flap", env), port=PORT, ready=ready)
             else:
                 cluster.set_ready(NS_A, *action)
-        sync.wait(lambda want=want: lane_state(cluster, NS_A, "flap") == want_lane(want),
+        sync.wait(lambda want=want: lane_state(cluster, NS_A, "flap") == want_lane(want)
+                  and (table(cluster, NS_B) or {}).get(fqdn(NS_A, "flap"), set()) == want,
                   f"flap step {step!r}: {sorted(want)}", WAIT)
-        assert table(cluster, NS_B).get(fqdn(NS_A, "flap"), set()) == want, step
 
 
 # -- 4. the API server restarts --------------------------------------------
@@ -351,7 +377,7 @@ def test_relists_after_expired_watch(cp, cluster, sync):
     assert sync.alive()
     assert sync.http("/readyz")[0] == 200
 
-    log = sync.log()[log_before:]
+    log = re.sub(r"\x1b\[[0-9;]*m", "", sync.log()[log_before:])  # text logs are coloured
     failed = [line for line in log.splitlines() if "watch failed; retrying" in line]
     expired = [line for line in failed if re.search(r"\b410\b|Expired|too old resource version", line)]
     print("envlane-sync watch errors after SIGCONT:\n" + "\n".join(failed))
