@@ -92,7 +92,8 @@ fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
     let (by_service, warnings) =
         envlane_sync::routes::patches(&port_targets, &refs, &config.cluster_domain);
     let patches: Vec<_> = by_service.into_iter().flat_map(|(_, p)| p).collect();
-    let out = serde_json::json!({"configPatches": patches, "warnings": warnings, "targets": targets});
+    let out =
+        serde_json::json!({"configPatches": patches, "warnings": warnings, "targets": targets});
     print(serde_json::to_string_pretty(&out).map_err(|e| e.to_string()))
 }
 
