@@ -123,7 +123,6 @@ impl RoutingTable {
         let mut env_ids = FastMap::default();
         let mut env_names = Vec::with_capacity(config.envs.len());
         let mut subsets = Vec::with_capacity(config.envs.len());
-        let mut seen_subsets: HashMap<SubsetName, usize> = HashMap::new();
         for (i, entry) in config.envs.iter().enumerate() {
             let name = EnvName::try_new(&entry.name, splitter).map_err(|e| {
                 ConfigError::new(format!("envs[{i}].name"), format!("`{}` {e}", entry.name))
@@ -138,12 +137,6 @@ impl RoutingTable {
                 return Err(ConfigError::new(
                     format!("envs[{i}].name"),
                     format!("`{}` is listed twice", entry.name),
-                ));
-            }
-            if let Some(prev) = seen_subsets.insert(subset.clone(), i) {
-                return Err(ConfigError::new(
-                    format!("envs[{i}].subset"),
-                    format!("subset `{subset}` is also the subset of envs[{prev}]"),
                 ));
             }
             env_names.push(name);
@@ -169,6 +162,10 @@ impl RoutingTable {
         let mut services = Vec::with_capacity(config.services.len());
         check_sizes(config)?;
         let mut targets = Targets::sized_for(config, &subsets);
+        // Subset names must differ among one service's envs (they are that
+        // service's DestinationRule subsets); envs of different services may
+        // share one, so no tenant's env can take another tenant's subset.
+        let mut service_subsets: HashMap<&str, u32> = HashMap::new();
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             let fqdn = ServiceHost::try_new(&entry.host)
@@ -195,6 +192,7 @@ impl RoutingTable {
                 ));
             }
             let mut envs = Vec::with_capacity(entry.envs.len());
+            service_subsets.clear();
             for (j, &env_id) in entry.envs.iter().enumerate() {
                 let subset = subsets.get(env_id as usize).ok_or_else(|| {
                     ConfigError::new(
@@ -202,6 +200,14 @@ impl RoutingTable {
                         format!("{env_id} is not an index into envs"),
                     )
                 })?;
+                if let Some(prev) = service_subsets.insert(subset.as_str(), env_id) {
+                    if prev != env_id {
+                        return Err(ConfigError::new(
+                            format!("services[{i}].envs[{j}]"),
+                            format!("envs {prev} and {env_id} share subset `{subset}`"),
+                        ));
+                    }
+                }
                 let first = targets.next_slot()?;
                 match (config.mode, &parts) {
                     (Mode::Cluster, _) => {

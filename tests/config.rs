@@ -49,8 +49,11 @@ fn bad_fields_are_named() {
         ),
         (r#"{"envs":[{"name":"a b"}]}"#, "envs[0].name"),
         (
-            r#"{"envs":[{"name":"a","subset":"x"},{"name":"b","subset":"x"}]}"#,
-            "envs[1].subset",
+            // Two envs of one service on one subset: its DestinationRule
+            // could not tell them apart.
+            r#"{"envs":[{"name":"a","subset":"x"},{"name":"b","subset":"x"}],
+                "services":[{"host":"go.d.svc.cluster.local","ports":[80],"envs":[0,1]}]}"#,
+            "services[0].envs[1]",
         ),
         (
             r#"{"envs":[{"name":"a","subset":"A_1"}]}"#,
@@ -113,6 +116,31 @@ fn error_is_one_line_naming_the_field() {
         "{line}"
     );
     assert!(!line.contains('\n'));
+}
+
+#[test]
+fn envs_of_different_services_may_share_a_subset() {
+    // Subsets are per service (each Service has its own DestinationRule), so
+    // an env of one tenant spelled like another tenant's subset is no clash.
+    let table = check(
+        r#"{"envs":[{"name":"dev.proj1","subset":"dev-proj1-4120bed06c"},
+                    {"name":"dev-proj1-4120bed06c","subset":"dev-proj1-4120bed06c"}],
+            "services":[{"host":"go.team-a.svc.cluster.local","ports":[80],"envs":[0]},
+                        {"host":"go.team-b.svc.cluster.local","ports":[80],"envs":[1]}]}"#,
+    )
+    .unwrap();
+    let targets: Vec<&str> = table
+        .cluster_targets()
+        .iter()
+        .flat_map(|p| p.targets.clone())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "outbound|80|dev-proj1-4120bed06c|go.team-a.svc.cluster.local",
+            "outbound|80|dev-proj1-4120bed06c|go.team-b.svc.cluster.local"
+        ]
+    );
 }
 
 #[test]

@@ -347,6 +347,9 @@ async fn pass<C: Cluster>(
             );
         }
     }
+    metrics
+        .subset_collisions
+        .store(rendered.subset_collisions.len() as u64, Relaxed);
     for w in &rendered.warnings {
         if state.warnings_seen.insert(w.clone()) {
             metrics.skipped_pairs.fetch_add(1, Relaxed);

@@ -50,6 +50,8 @@ pub struct Metrics {
     errors_conflict: AtomicU64,
     pub invalid_env_labels: AtomicU64,
     pub skipped_pairs: AtomicU64,
+    /// Current (not cumulative): envs of one Service sharing a subset name.
+    pub subset_collisions: AtomicU64,
     ready: AtomicBool,
     last_write: Mutex<Option<Instant>>,
     last_sync: Mutex<Option<Instant>>,
@@ -104,6 +106,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         };
+        gauge(
+            "envlane_sync_subset_collisions",
+            "Groups of envs of one Service that share a subset name, left out of that Service (current table).",
+            self.subset_collisions.load(Relaxed).to_string(),
+        );
         gauge(
             "envlane_sync_table_pairs",
             "(service, env) pairs in the published table.",
@@ -192,6 +199,7 @@ mod tests {
         assert!(text.contains("envlane_sync_writes_total{op=\"apply\"} 3"));
         assert!(text.contains("envlane_sync_seconds_since_last_write NaN"));
         assert!(text.contains("envlane_sync_invalid_env_labels_total 0"));
+        assert!(text.contains("envlane_sync_subset_collisions 0"));
         m.wrote();
         assert!(!m.to_prometheus().contains("last_write NaN"));
     }

@@ -168,9 +168,23 @@ pub struct Rendered {
     pub objects: Vec<DesiredObject>,
     /// Sorted.
     pub invalid_labels: Vec<InvalidLabel>,
-    /// Pairs left out for another reason (host mode: per-env Service name too long).
+    /// Pairs left out for another reason (host mode: per-env Service name
+    /// too long; envs of one Service sharing a subset name).
     pub warnings: Vec<String>,
+    /// Envs of one Service whose subset names are equal: left out of it.
+    pub subset_collisions: Vec<SubsetCollision>,
     pub stats: TableStats,
+}
+
+/// Envs of one Service that map to one subset name (e.g. `dev.proj1` and a
+/// label spelled like its derived name): a DestinationRule cannot tell them
+/// apart, so none of them is routed to for that Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsetCollision {
+    pub namespace: String,
+    pub service: String,
+    pub subset: String,
+    pub envs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,21 +289,53 @@ pub fn render<'a>(
     // the input (e.g. a file listing it twice) keeps the first.
     with_envs.dedup_by(|b, a| a.0.namespace == b.0.namespace && a.0.name == b.0.name);
 
-    // Subsets over every env in the table.
-    let all_envs: BTreeSet<&str> = with_envs
+    // Subset names are a function of the env alone, so nothing another
+    // namespace deploys can rename a subset. A DestinationRule holds one
+    // Service's subsets, so names only need to differ among one Service's
+    // envs: envs of a Service that share a name are left out of that Service
+    // (and reported); no other Service is touched.
+    let subset_of: HashMap<&str, String> = with_envs
         .iter()
         .flat_map(|(_, e)| e.iter().copied())
+        .map(|env| (env, subset_for_env(env, splitter)))
         .collect();
-    let env_list: Vec<&str> = all_envs.into_iter().collect();
-    let subsets = assign_subsets(&env_list, splitter);
-    let subset_of: HashMap<&str, &str> = env_list
+    let mut warnings = Vec::new();
+    let mut subset_collisions = Vec::new();
+    for (svc, envs) in &mut with_envs {
+        let mut by_subset: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for env in envs.iter() {
+            let subset = subset_of.get(env).map_or("", String::as_str);
+            by_subset.entry(subset).or_default().push(env);
+        }
+        let mut clashing: HashSet<&str> = HashSet::new();
+        for (subset, names) in by_subset.iter().filter(|(_, v)| v.len() > 1) {
+            warnings.push(format!(
+                "service {}/{}: envs {} all map to subset `{subset}`; left out of this service",
+                svc.namespace,
+                svc.name,
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
+            subset_collisions.push(SubsetCollision {
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                subset: (*subset).to_string(),
+                envs: names.iter().map(|n| (*n).to_string()).collect(),
+            });
+            clashing.extend(names.iter().copied());
+        }
+        envs.retain(|e| !clashing.contains(e));
+    }
+    with_envs.retain(|(_, envs)| !envs.is_empty());
+    let subset_of: HashMap<&str, &str> = subset_of
         .iter()
-        .copied()
-        .zip(subsets.iter().map(String::as_str))
+        .map(|(env, subset)| (*env, subset.as_str()))
         .collect();
 
     // Host mode: a pair whose per-env Service name is not a valid name is left out.
-    let mut warnings = Vec::new();
     if settings.mode == Mode::Host {
         for (svc, envs) in &mut with_envs {
             envs.retain(|env| {
@@ -411,6 +457,7 @@ pub fn render<'a>(
         objects,
         invalid_labels,
         warnings,
+        subset_collisions,
         stats,
     })
 }
@@ -514,70 +561,15 @@ fn is_dns1035_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-/// Subset names for `envs` (sorted, unique): `SubsetName::for_env`, then any
-/// name shared by two envs is replaced, for the envs it does not spell
-/// exactly, by the sanitised name with a 64-bit hash; anything still shared
-/// gets `-2`, `-3`, ... in env order. Valid DNS-1123 labels, all different.
-pub fn assign_subsets(envs: &[&str], splitter: Splitter) -> Vec<String> {
-    let first: Vec<String> = envs
-        .iter()
-        .map(|e| match EnvName::try_new(e, splitter) {
-            Ok(name) => SubsetName::for_env(&name).as_str().to_string(),
-            Err(_) => long_subset(e),
-        })
-        .collect();
-    resolve_collisions(envs, first)
-}
-
-/// The collision handling of [`assign_subsets`], given the first choices.
-pub fn resolve_collisions(envs: &[&str], mut subsets: Vec<String>) -> Vec<String> {
-    let count = |subsets: &[String]| {
-        let mut c: HashMap<String, usize> = HashMap::new();
-        for s in subsets {
-            *c.entry(s.clone()).or_default() += 1;
-        }
-        c
-    };
-    // Round 1: longer hash for everyone in a shared name but its exact owner.
-    let counts = count(&subsets);
-    for (env, subset) in envs.iter().zip(subsets.iter_mut()) {
-        if counts.get(subset.as_str()).is_some_and(|&n| n > 1) && subset.as_str() != *env {
-            *subset = long_subset(env);
-        }
+/// The subset name of `env`: `SubsetName::for_env` (the env itself when it
+/// is a DNS label, else its sanitised form and a hash). Depends on nothing
+/// but the env, so no other env, namespace or tenant can change it.
+pub fn subset_for_env(env: &str, splitter: Splitter) -> String {
+    match EnvName::try_new(env, splitter) {
+        Ok(name) => SubsetName::for_env(&name).as_str().to_string(),
+        // Pods with invalid env labels never get here; a 64-bit hash anyway.
+        Err(_) => SubsetName::hashed(env, 16).as_str().to_string(),
     }
-    // Round 2: numeric suffixes, in env order, for whatever is still shared.
-    let counts = count(&subsets);
-    let mut taken: HashSet<String> = counts
-        .iter()
-        .filter(|(_, &n)| n == 1)
-        .map(|(s, _)| s.clone())
-        .collect();
-    for subset in subsets.iter_mut() {
-        if counts.get(subset.as_str()).is_some_and(|&n| n == 1) {
-            continue;
-        }
-        if taken.insert(subset.clone()) {
-            continue; // the first of a shared name keeps it
-        }
-        let base = subset.clone();
-        let mut n = 2u32;
-        loop {
-            let suffix = format!("-{n}");
-            let mut stem = base.clone();
-            stem.truncate(63 - suffix.len());
-            let candidate = format!("{}{suffix}", stem.trim_end_matches('-'));
-            if taken.insert(candidate.clone()) {
-                *subset = candidate;
-                break;
-            }
-            n += 1;
-        }
-    }
-    subsets
-}
-
-fn long_subset(env: &str) -> String {
-    SubsetName::hashed(env, 16).as_str().to_string()
 }
 
 /// A short stable hash of the table (12 hex digits of FNV-1a over its JSON).

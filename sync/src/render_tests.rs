@@ -328,65 +328,115 @@ fn subsets_are_explicit_valid_and_collision_free() {
     );
 }
 
+/// Subset names depend on the env alone: what another namespace deploys
+/// never renames one (issue 11: a pod in team-b labelled with team-a's
+/// derived subset name used to rename team-a's subset). Envs of one Service
+/// that share a name are left out of that Service only, and reported.
 #[test]
-fn a_subset_collision_falls_back_to_a_longer_hash() {
-    // An env literally named like another env's derived subset.
+fn subset_names_are_tenant_stable_and_collisions_stay_in_their_service() {
     let dotted = EnvName::try_new("dev.proj1", Splitter::default()).unwrap();
     let derived = SubsetName::for_env(&dotted).as_str().to_string();
-    let envs = ["dev.proj1", derived.as_str()];
-    let pods: Vec<Pod> = envs.iter().map(|e| pod("demo", "go", e, true)).collect();
-    let r = render(
-        &[ns("demo", true)],
-        &pods,
-        &[svc("demo", "go", "go", &[80])],
+    struct Case<'a> {
+        what: &'a str,
+        pods: Vec<Pod>,
+        /// "namespace/service" -> envs routed for it, sorted.
+        routed: Vec<(&'a str, Vec<&'a str>)>,
+        collisions: usize,
+    }
+    let cases = [
+        Case {
+            what: "another namespace spells team-a's derived subset name",
+            pods: vec![
+                pod("team-a", "go", "dev.proj1", true),
+                pod("team-b", "go", &derived, true),
+            ],
+            routed: vec![
+                ("team-a/go", vec!["dev.proj1"]),
+                ("team-b/go", vec![derived.as_str()]),
+            ],
+            collisions: 0,
+        },
+        Case {
+            what: "one service has both: both left out of it, the other service untouched",
+            pods: vec![
+                pod("team-a", "go", "dev.proj1", true),
+                pod("team-a", "go", &derived, true),
+                pod("team-a", "go", "dev", true),
+                pod("team-b", "go", "dev.proj1", true),
+            ],
+            routed: vec![("team-a/go", vec!["dev"]), ("team-b/go", vec!["dev.proj1"])],
+            collisions: 1,
+        },
+    ];
+    let alone = render(
+        &[ns("team-a", true)],
+        &[pod("team-a", "go", "dev.proj1", true)],
+        &[svc("team-a", "go", "go", &[80])],
         &RenderOptions::default(),
     )
     .unwrap();
-    let subset = |name: &str| {
-        r.table
-            .envs
-            .iter()
-            .find(|e| e.name == name)
-            .and_then(|e| e.subset.clone())
-            .unwrap()
-    };
-    assert_eq!(subset(&derived), derived, "the exact owner keeps the name");
-    let fallback = subset("dev.proj1");
-    assert_ne!(fallback, derived);
-    assert!(fallback.starts_with("dev-proj1-"), "{fallback}");
-    assert_eq!(
-        fallback.len(),
-        "dev-proj1-".len() + 16,
-        "64-bit hash: {fallback}"
-    );
-    SubsetName::try_new(&fallback).unwrap();
-}
-
-#[test]
-fn resolve_collisions_table() {
-    type Case<'a> = (&'a [&'a str], &'a [&'a str]);
-    let cases: &[Case<'_>] = &[
-        (&["a", "b"], &["a", "b"]),
-        // Same first choice, neither spells it: both get long hashes.
-        (&["x.y", "x_y"], &["same", "same"]),
-        // Three envs forced to one name that one of them owns.
-        (&["dup", "dup.a", "dup_a"], &["dup", "dup", "dup"]),
-    ];
-    for (envs, first) in cases {
-        let first: Vec<String> = first.iter().map(|s| s.to_string()).collect();
-        let got = resolve_collisions(envs, first.clone());
-        let unique: BTreeSet<&String> = got.iter().collect();
-        assert_eq!(unique.len(), envs.len(), "{envs:?} -> {got:?}");
-        for s in &got {
-            SubsetName::try_new(s).unwrap();
+    let subset_alone = alone.table.envs[0].subset.clone().unwrap();
+    assert_eq!(subset_alone, derived);
+    for case in cases {
+        let r = render(
+            &[ns("team-a", true), ns("team-b", true)],
+            &case.pods,
+            &[
+                svc("team-a", "go", "go", &[80]),
+                svc("team-b", "go", "go", &[80]),
+            ],
+            &RenderOptions::default(),
+        )
+        .unwrap();
+        let env_name = |id: u32| r.table.envs[id as usize].name.as_str();
+        for (key, want) in &case.routed {
+            let (namespace, name) = key.split_once('/').unwrap();
+            let host = format!("{name}.{namespace}.svc.cluster.local");
+            let service = r.table.services.iter().find(|s| s.host == host);
+            let mut got: Vec<&str> = service
+                .map(|s| s.envs.iter().map(|&id| env_name(id)).collect())
+                .unwrap_or_default();
+            got.sort_unstable();
+            assert_eq!(&got, want, "{}: {key}", case.what);
         }
-        assert_eq!(got, resolve_collisions(envs, first), "deterministic");
+        // dev.proj1's subset is the one it has alone, in every case.
+        if let Some(e) = r.table.envs.iter().find(|e| e.name == "dev.proj1") {
+            assert_eq!(
+                e.subset.as_deref(),
+                Some(subset_alone.as_str()),
+                "{}",
+                case.what
+            );
+        }
+        assert_eq!(r.subset_collisions.len(), case.collisions, "{}", case.what);
+        if case.collisions > 0 {
+            let c = &r.subset_collisions[0];
+            assert_eq!((c.namespace.as_str(), c.service.as_str()), ("team-a", "go"));
+            assert_eq!(c.envs, vec![derived.clone(), "dev.proj1".to_string()]);
+            assert!(
+                r.warnings.iter().any(|w| w.contains("team-a/go")
+                    && w.contains("`dev.proj1`")
+                    && w.contains(&format!("`{derived}`"))),
+                "{:?}",
+                r.warnings
+            );
+        }
+        // Every DestinationRule's subsets are distinct.
+        for o in r
+            .objects
+            .iter()
+            .filter(|o| o.key.kind == Kind::DestinationRule)
+        {
+            let names: Vec<&str> = o.body["spec"]["subsets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap())
+                .collect();
+            let unique: BTreeSet<&str> = names.iter().copied().collect();
+            assert_eq!(unique.len(), names.len(), "{}: {names:?}", case.what);
+        }
     }
-    // Suffixes when even the long names are equal (same env listed twice).
-    let got = resolve_collisions(&["e.x", "e.x", "e.x"], vec!["s".into(); 3]);
-    let unique: BTreeSet<&String> = got.iter().collect();
-    assert_eq!(unique.len(), 3, "{got:?}");
-    assert!(got[1].ends_with("-2") && got[2].ends_with("-3"), "{got:?}");
 }
 
 #[test]
