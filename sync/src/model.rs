@@ -52,6 +52,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `ExternalName` services have no pods; skipped.
     pub external_name: bool,
+    /// `clusterIP: None`: Istio sends a headless Service's requests to the
+    /// address the client resolved (ORIGINAL_DST clusters, subsets too), so
+    /// no env choice can apply; skipped, with a warning when it has env pods.
+    pub headless: bool,
 }
 
 impl Service {
@@ -120,6 +124,7 @@ impl From<&corev1::Service> for Service {
             selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
             ports,
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            headless: spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
         }
     }
 }

@@ -254,6 +254,14 @@ pub fn render<'a>(
     invalid_labels.sort();
     invalid_labels.dedup();
 
+    let mut warnings = Vec::new();
+    let services: Vec<&Service> = services.into_iter().collect();
+    // Services envlane-sync did not write: host mode never takes their names.
+    let foreign_names: HashSet<(&str, &str)> = services
+        .iter()
+        .filter(|svc| !svc.is_managed())
+        .map(|svc| (svc.namespace.as_str(), svc.name.as_str()))
+        .collect();
     let usable: Vec<&Service> = services
         .into_iter()
         .filter(|svc| {
@@ -280,9 +288,17 @@ pub fn render<'a>(
             .entry(svc.namespace.as_str())
             .or_insert_with(|| index_pods(pods, &selector_keys));
         let envs = matching_envs(svc, pods, index);
-        if !envs.is_empty() {
-            with_envs.push((svc, envs));
+        if envs.is_empty() {
+            continue;
         }
+        if svc.headless {
+            warnings.push(format!(
+                "service {}/{} is headless (clusterIP None): Istio sends its requests to the address the client resolved, so env routing cannot apply; left out",
+                svc.namespace, svc.name
+            ));
+            continue;
+        }
+        with_envs.push((svc, envs));
     }
     with_envs.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
     // Two Services with the same namespace/name cannot exist; a duplicate in
@@ -299,7 +315,6 @@ pub fn render<'a>(
         .flat_map(|(_, e)| e.iter().copied())
         .map(|env| (env, subset_for_env(env, splitter)))
         .collect();
-    let mut warnings = Vec::new();
     let mut subset_collisions = Vec::new();
     for (svc, envs) in &mut with_envs {
         let mut by_subset: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -335,21 +350,49 @@ pub fn render<'a>(
         .map(|(env, subset)| (*env, subset.as_str()))
         .collect();
 
-    // Host mode: a pair whose per-env Service name is not a valid name is left out.
+    // Host mode: a pair is left out, with a warning naming both sides, when
+    // its per-env Service name is not a valid name, is also another pair's
+    // (`go` + `dev-x` and `go-dev` + `x` both give `go-dev-x`), or is the
+    // name of a Service envlane-sync does not own (`api` + `v2` vs the
+    // user's `api-v2`): decided before anything is written.
     if settings.mode == Mode::Host {
-        for (svc, envs) in &mut with_envs {
-            envs.retain(|env| {
-                let subset = subset_of.get(env).copied().unwrap_or_default();
-                let name = per_env_service_name(&template, svc, subset, &settings.cluster_domain)
-                    .unwrap_or_default();
-                let ok = is_dns1035_label(&name);
-                if !ok {
-                    warnings.push(format!(
-                        "service {}/{} env {env}: per-env Service name `{name}` is not a DNS label of at most 63 characters; left out",
+        let name_of = |svc: &Service, env: &str| {
+            let subset = subset_of.get(env).copied().unwrap_or_default();
+            per_env_service_name(&template, svc, subset, &settings.cluster_domain)
+                .unwrap_or_default()
+        };
+        let mut claims: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for (svc, envs) in &with_envs {
+            for env in envs {
+                claims
+                    .entry((svc.namespace.clone(), name_of(svc, env)))
+                    .or_default()
+                    .push(format!(
+                        "service {}/{} env `{env}`",
                         svc.namespace, svc.name
                     ));
+            }
+        }
+        for (svc, envs) in &mut with_envs {
+            envs.retain(|env| {
+                let name = name_of(svc, env);
+                let pair = format!("service {}/{} env `{env}`", svc.namespace, svc.name);
+                let problem = if !is_dns1035_label(&name) {
+                    Some("is not a DNS label of at most 63 characters".to_string())
+                } else if foreign_names.contains(&(svc.namespace.as_str(), name.as_str())) {
+                    Some("is the name of an existing Service envlane-sync does not own".to_string())
+                } else {
+                    claims
+                        .get(&(svc.namespace.clone(), name.clone()))
+                        .filter(|c| c.len() > 1)
+                        .map(|c| format!("is also the per-env Service of {}", others(c, &pair)))
+                };
+                if let Some(problem) = &problem {
+                    warnings.push(format!(
+                        "{pair}: per-env Service name `{name}` {problem}; left out"
+                    ));
                 }
-                ok
+                problem.is_none()
             });
         }
         with_envs.retain(|(_, envs)| !envs.is_empty());
@@ -559,6 +602,16 @@ fn is_dns1035_label(s: &str) -> bool {
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// The other claimants of a name, for a warning.
+fn others(claims: &[String], me: &str) -> String {
+    claims
+        .iter()
+        .filter(|c| c.as_str() != me)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The subset name of `env`: `SubsetName::for_env` (the env itself when it

@@ -61,6 +61,7 @@ fn svc(ns: &str, name: &str, app: &str, ports: &[u16]) -> Service {
         selector: labels(&[("app", app)]),
         ports: ports.iter().map(|&p| port(p)).collect(),
         external_name: false,
+        headless: false,
     }
 }
 
@@ -143,6 +144,7 @@ fn table_cases() {
     });
     not_inputs.push(Service {
         external_name: true,
+        headless: false,
         ..svc("demo", "external", "go", &[80])
     });
     not_inputs.push(Service {
@@ -150,6 +152,10 @@ fn table_cases() {
         ..svc("demo", "go-dev", "go", &[8080])
     });
     not_inputs.push(svc("demo", "no-ports", "go", &[]));
+    not_inputs.push(Service {
+        headless: true,
+        ..svc("demo", "go-headless", "go", &[8080])
+    });
     not_inputs.push(svc("demo", "no-pods", "nothing", &[80]));
 
     let cases = vec![
@@ -436,6 +442,131 @@ fn subset_names_are_tenant_stable_and_collisions_stay_in_their_service() {
             let unique: BTreeSet<&str> = names.iter().copied().collect();
             assert_eq!(unique.len(), names.len(), "{}: {names:?}", case.what);
         }
+    }
+}
+
+/// Host mode (issue 11): per-env Service names that clash with each other
+/// or with a Service envlane-sync does not own used to be rendered silently
+/// (the second apply then failed, or the table sent `api`'s v2 traffic to
+/// the user's `api-v2` app). Now both sides are named and left out.
+#[test]
+fn host_mode_name_clashes_are_left_out_before_anything_is_written() {
+    struct Case<'a> {
+        what: &'a str,
+        services: Vec<Service>,
+        pods: Vec<Pod>,
+        /// The per-env Services rendered.
+        kept: &'a [&'a str],
+        /// Substrings of one warning.
+        warned: &'a [&'a str],
+    }
+    let owned = Service {
+        labels: labels(&[(MANAGED_BY_KEY, MANAGED_BY_VALUE)]),
+        ..svc("demo", "api-v2", "api", &[80])
+    };
+    let cases = [
+        Case {
+            what: "go + dev-x and go-dev + x both give go-dev-x",
+            services: vec![
+                svc("demo", "go", "go", &[80]),
+                svc("demo", "go-dev", "godev", &[80]),
+            ],
+            pods: vec![
+                pod("demo", "go", "dev-x", true),
+                pod("demo", "go", "y", true),
+                pod("demo", "godev", "x", true),
+            ],
+            kept: &["go-y"],
+            warned: &["`go-dev-x`", "demo/go env `dev-x`", "demo/go-dev env `x`"],
+        },
+        Case {
+            what: "api + v2 gives the user's own Service api-v2",
+            services: vec![
+                svc("demo", "api", "api", &[80]),
+                svc("demo", "api-v2", "apiv2", &[80]),
+            ],
+            pods: vec![
+                pod("demo", "api", "v2", true),
+                pod("demo", "api", "v1", true),
+            ],
+            kept: &["api-v1"],
+            warned: &["demo/api env `v2`", "`api-v2`", "does not own"],
+        },
+        Case {
+            what: "a per-env Service envlane-sync owns is its own, no clash",
+            services: vec![svc("demo", "api", "api", &[80]), owned],
+            pods: vec![pod("demo", "api", "v2", true)],
+            kept: &["api-v2"],
+            warned: &[],
+        },
+    ];
+    for case in cases {
+        let settings = PluginConfig {
+            mode: Mode::Host,
+            ..PluginConfig::default()
+        };
+        let r = render(
+            &[ns("demo", true)],
+            &case.pods,
+            &case.services,
+            &opts_with(settings),
+        )
+        .unwrap();
+        let mut kept: Vec<&str> = r
+            .objects
+            .iter()
+            .filter(|o| o.key.kind == Kind::Service)
+            .map(|o| o.key.name.as_str())
+            .collect();
+        kept.sort_unstable();
+        assert_eq!(kept, case.kept, "{}", case.what);
+        if !case.warned.is_empty() {
+            assert!(
+                r.warnings
+                    .iter()
+                    .any(|w| case.warned.iter().all(|part| w.contains(part))),
+                "{}: {:?}",
+                case.what,
+                r.warnings
+            );
+        }
+        // The table routes only to what is rendered.
+        let targets: usize = r.table.services.iter().map(|s| s.envs.len()).sum();
+        assert_eq!(targets, case.kept.len(), "{}", case.what);
+    }
+}
+
+#[test]
+fn a_headless_service_is_left_out_with_a_warning() {
+    let headless = Service {
+        headless: true,
+        ..svc("demo", "ledger", "ledger", &[8080])
+    };
+    for mode in [Mode::Cluster, Mode::Host] {
+        let settings = PluginConfig {
+            mode,
+            ..PluginConfig::default()
+        };
+        let r = render(
+            &[ns("demo", true)],
+            &[pod("demo", "ledger", "dev", true)],
+            std::slice::from_ref(&headless),
+            &opts_with(settings),
+        )
+        .unwrap();
+        assert!(r.table.services.is_empty(), "{mode:?}");
+        assert!(
+            r.objects.iter().all(|o| o.key.kind == Kind::WasmPlugin),
+            "{mode:?}: {:?}",
+            r.objects.iter().map(|o| &o.key).collect::<Vec<_>>()
+        );
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("demo/ledger") && w.contains("headless")),
+            "{:?}",
+            r.warnings
+        );
     }
 }
 

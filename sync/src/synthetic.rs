@@ -50,6 +50,7 @@ pub fn cluster(pods: usize, services: usize, namespaces: usize) -> Snapshot {
                 })
                 .collect(),
             external_name: false,
+            headless: false,
         });
     }
     for p in 0..pods {
