@@ -16,6 +16,7 @@ from topologies import ALIBABA
 NS = "shop"
 PLAIN = "shop-plain"
 NO_ENV_SERVICE = "catalog"  # a Service whose pods have no env label
+HEADLESS = "ledger"  # a headless Service with env pods
 MATCHER = "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.MatcherClusterSpecifier"
 
 
@@ -27,6 +28,19 @@ def shop(cp, cluster, start_sync, deploy):
     cluster.service(NS, NO_ENV_SERVICE, port=8080, target_port=9080)
     cluster.pod(NS, "catalog-0", {"app": NO_ENV_SERVICE}, port=9080)
     cluster.sync_endpoints(NS, NO_ENV_SERVICE)
+    cluster.service(NS, HEADLESS, port=8080, target_port=9080, headless=True)
+    for env in ("dev", "dev.proj1"):
+        cluster.pod(NS, f"ledger-{env.replace('.', '-')}", {"app": HEADLESS, "virtual-env": env}, port=9080)
+    cluster.sync_endpoints(NS, HEADLESS)
+    # The user's own subsets for it: what istiod makes of subsets there.
+    cluster.apply({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "ledger-by-env", "namespace": NS},
+        "spec": {"host": f"{HEADLESS}.{NS}.svc.cluster.local", "subsets": [
+            {"name": "dev", "labels": {"virtual-env": "dev"}},
+            {"name": "dev-proj1", "labels": {"virtual-env": "dev.proj1"}},
+        ]},
+    })
     table = mesh.wait_table()
     fqdns = {mesh.fqdn(s.name) for s in ALIBABA.services}
     targets = set(filter_targets(table))
@@ -197,3 +211,17 @@ def test_istiod_drops_a_route_patch_whose_type_it_does_not_know(shop, cluster):
         assert sc.rejected_updates(mesh.client.stats()) == {}
     finally:
         cluster.api("DELETE", "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/e2e-unknown-type")
+
+
+def test_a_headless_service_is_left_out_because_istiod_routes_it_by_original_destination(shop, cluster):
+    """envlane-sync leaves headless Services out (README, "How it maps to
+    Istio"): istiod gives them ORIGINAL_DST clusters, subsets included, so
+    the address the client resolved decides, whatever cluster is chosen."""
+    mesh, _, _, table = shop
+    fqdn = mesh.fqdn(HEADLESS)
+    assert fqdn not in {s["host"] for s in table["services"]}
+    assert cluster.get("networking.istio.io/v1", "DestinationRule", NS, f"envlane-{HEADLESS}") is None
+    names = [f"outbound|8080||{fqdn}", f"outbound|8080|dev|{fqdn}", f"outbound|8080|dev-proj1|{fqdn}"]
+    found = wait_for(lambda: (c := sc.clusters(mesh.client.config_dump())) and all(n in c for n in names) and c,
+                     "the headless Service's clusters", 30)
+    assert {n: found[n].get("type") for n in names} == {n: "ORIGINAL_DST" for n in names}
