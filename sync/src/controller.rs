@@ -457,6 +457,7 @@ mod tests {
         Namespace {
             name: name.into(),
             labels: Default::default(),
+            terminating: false,
         }
     }
 

@@ -21,6 +21,9 @@ pub type Labels = BTreeMap<String, String>;
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
+    /// Being deleted (`deletionTimestamp` set or phase `Terminating`): the
+    /// API server refuses new objects in it, so it is treated as opted out.
+    pub terminating: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -71,9 +74,11 @@ fn labels_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 
 impl From<&corev1::Namespace> for Namespace {
     fn from(ns: &corev1::Namespace) -> Self {
+        let phase = ns.status.as_ref().and_then(|s| s.phase.as_deref());
         Self {
             name: ns.metadata.name.clone().unwrap_or_default(),
             labels: labels_of(&ns.metadata),
+            terminating: ns.metadata.deletion_timestamp.is_some() || phase == Some("Terminating"),
         }
     }
 }

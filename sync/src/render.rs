@@ -218,7 +218,7 @@ pub fn render<'a>(
 
     let opted: BTreeSet<&str> = namespaces
         .into_iter()
-        .filter(|ns| opts.namespace_selector.matches(&ns.labels))
+        .filter(|ns| !ns.terminating && opts.namespace_selector.matches(&ns.labels))
         .map(|ns| ns.name.as_str())
         .collect();
 

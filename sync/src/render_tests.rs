@@ -31,6 +31,7 @@ fn ns(name: &str, opted: bool) -> Namespace {
         } else {
             labels(&[])
         },
+        terminating: false,
     }
 }
 
@@ -534,6 +535,31 @@ fn host_mode_name_clashes_are_left_out_before_anything_is_written() {
         let targets: usize = r.table.services.iter().map(|s| s.envs.len()).sum();
         assert_eq!(targets, case.kept.len(), "{}", case.what);
     }
+}
+
+/// Issue 11: a Terminating namespace was still written to; the API server
+/// refuses new objects there, and the error aborted the whole pass, so no
+/// other namespace was updated either. It is now treated as opted out.
+#[test]
+fn a_terminating_namespace_is_not_written_to_and_its_services_leave_the_table() {
+    let going = Namespace {
+        terminating: true,
+        ..ns("going", true)
+    };
+    let r = render(
+        &[ns("demo", true), going],
+        &[alibaba_pods("demo"), alibaba_pods("going")].concat(),
+        &[alibaba_services("demo"), alibaba_services("going")].concat(),
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        r.objects.iter().all(|o| o.key.namespace != "going"),
+        "{:?}",
+        r.objects.iter().map(|o| &o.key).collect::<Vec<_>>()
+    );
+    assert!(r.table.services.iter().all(|s| !s.host.contains(".going.")));
+    assert!(r.table.services.iter().any(|s| s.host.contains(".demo.")));
 }
 
 #[test]

@@ -30,6 +30,7 @@ pub fn cluster(pods: usize, services: usize, namespaces: usize) -> Snapshot {
         snap.namespaces.push(Namespace {
             name: format!("ns{n}"),
             labels: [("envlane.io/enabled".to_string(), "true".to_string())].into(),
+            terminating: false,
         });
     }
     for s in 0..services {
