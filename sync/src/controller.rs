@@ -331,122 +331,133 @@ async fn pass<C: Cluster>(
     state: &mut WriteState,
 ) -> Result<(), PassError> {
     metrics.reconciles.fetch_add(1, Relaxed);
-    let rendered = match shared.render(opts) {
-        Ok(r) => r,
-        Err(e) => {
-            metrics.error(ErrorKind::InvalidTable);
-            return Err(PassError::Wait(e.to_string()));
-        }
-    };
-    for bad in &rendered.invalid_labels {
-        if state.invalid_seen.insert(bad.clone()) {
-            metrics.invalid_env_labels.fetch_add(1, Relaxed);
-            tracing::warn!(
-                namespace = %bad.namespace, pod = %bad.pod, value = %bad.value, reason = %bad.reason,
-                "pod env label is not a valid env; pod skipped"
-            );
-        }
-    }
-    metrics
-        .subset_collisions
-        .store(rendered.subset_collisions.len() as u64, Relaxed);
-    for w in &rendered.warnings {
-        if state.warnings_seen.insert(w.clone()) {
-            metrics.skipped_pairs.fetch_add(1, Relaxed);
-            tracing::warn!("{w}");
-        }
-    }
-
-    let owned = match &mut state.owned {
-        Some(owned) => owned,
-        none => {
-            let mut owned = HashMap::new();
-            for kind in Kind::ALL {
-                let listed = cluster.list_owned(kind).await.map_err(|e| {
-                    metrics.error(e.kind);
-                    PassError::Retry(format!("listing owned {}: {e}", kind.plural()))
-                })?;
-                owned.extend(listed);
+    // Objects found to be someone else's are left out of the render (their
+    // Services leave the table), so a pass that finds a new one renders again
+    // before any table is written. Each round adds one, so this ends.
+    let mut opts = opts.clone();
+    'render: loop {
+        opts.foreign = state.conflicts.iter().cloned().collect();
+        let rendered = match shared.render(&opts) {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.error(ErrorKind::InvalidTable);
+                return Err(PassError::Wait(e.to_string()));
             }
-            none.insert(owned)
+        };
+        for bad in &rendered.invalid_labels {
+            if state.invalid_seen.insert(bad.clone()) {
+                metrics.invalid_env_labels.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    namespace = %bad.namespace, pod = %bad.pod, value = %bad.value, reason = %bad.reason,
+                    "pod env label is not a valid env; pod skipped"
+                );
+            }
         }
-    };
+        metrics
+            .subset_collisions
+            .store(rendered.subset_collisions.len() as u64, Relaxed);
+        for w in &rendered.warnings {
+            if state.warnings_seen.insert(w.clone()) {
+                metrics.skipped_pairs.fetch_add(1, Relaxed);
+                tracing::warn!("{w}");
+            }
+        }
 
-    // Subsets (DestinationRules, per-env Services) before the tables that
-    // name them; deletions last.
-    let (plugins, others): (Vec<&DesiredObject>, Vec<&DesiredObject>) = rendered
-        .objects
-        .iter()
-        .partition(|o| o.key.kind == Kind::WasmPlugin);
-    let mut writes = 0u64;
-    for obj in others.into_iter().chain(plugins) {
-        let force = match owned.get(&obj.key) {
-            Some(Some(hash)) if *hash == obj.hash => continue,
-            Some(_) => true,
-            None if state.conflicts.contains(&obj.key) => continue,
-            None => match cluster.ownership(&obj.key).await {
-                Ok(Ownership::Absent) => false,
-                Ok(Ownership::Ours) => true,
-                Ok(Ownership::Foreign) => {
-                    metrics.error(ErrorKind::Conflict);
-                    tracing::error!(object = %obj.key, "exists and is not managed by envlane-sync; left alone");
+        let owned = match &mut state.owned {
+            Some(owned) => owned,
+            none => {
+                let mut owned = HashMap::new();
+                for kind in Kind::ALL {
+                    let listed = cluster.list_owned(kind).await.map_err(|e| {
+                        metrics.error(e.kind);
+                        PassError::Retry(format!("listing owned {}: {e}", kind.plural()))
+                    })?;
+                    owned.extend(listed);
+                }
+                none.insert(owned)
+            }
+        };
+
+        // Subsets (DestinationRules, per-env Services) before the tables that
+        // name them; deletions last.
+        let (plugins, others): (Vec<&DesiredObject>, Vec<&DesiredObject>) = rendered
+            .objects
+            .iter()
+            .partition(|o| o.key.kind == Kind::WasmPlugin);
+        let mut writes = 0u64;
+        let known_conflicts = state.conflicts.len();
+        for obj in others.into_iter().chain(plugins) {
+            if obj.key.kind == Kind::WasmPlugin && state.conflicts.len() > known_conflicts {
+                continue 'render;
+            }
+            let force = match owned.get(&obj.key) {
+                Some(Some(hash)) if *hash == obj.hash => continue,
+                Some(_) => true,
+                None if state.conflicts.contains(&obj.key) => continue,
+                None => match cluster.ownership(&obj.key).await {
+                    Ok(Ownership::Absent) => false,
+                    Ok(Ownership::Ours) => true,
+                    Ok(Ownership::Foreign) => {
+                        metrics.error(ErrorKind::Conflict);
+                        tracing::error!(object = %obj.key, "exists and is not managed by envlane-sync; left alone");
+                        state.conflicts.insert(obj.key.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        metrics.error(e.kind);
+                        return Err(PassError::Retry(format!("reading {}: {e}", obj.key)));
+                    }
+                },
+            };
+            if let Err(e) = cluster.apply(obj, force).await {
+                metrics.error(e.kind);
+                if e.kind == ErrorKind::Conflict {
+                    tracing::error!(object = %obj.key, error = %e, "apply conflict; left alone");
                     state.conflicts.insert(obj.key.clone());
                     continue;
                 }
-                Err(e) => {
-                    metrics.error(e.kind);
-                    return Err(PassError::Retry(format!("reading {}: {e}", obj.key)));
-                }
-            },
-        };
-        if let Err(e) = cluster.apply(obj, force).await {
-            metrics.error(e.kind);
-            if e.kind == ErrorKind::Conflict {
-                tracing::error!(object = %obj.key, error = %e, "apply conflict; left alone");
-                state.conflicts.insert(obj.key.clone());
-                continue;
+                return Err(PassError::Retry(format!("applying {}: {e}", obj.key)));
             }
-            return Err(PassError::Retry(format!("applying {}: {e}", obj.key)));
+            tracing::info!(object = %obj.key, hash = %obj.hash, "applied");
+            owned.insert(obj.key.clone(), Some(obj.hash.clone()));
+            metrics.applies.fetch_add(1, Relaxed);
+            metrics.wrote();
+            writes += 1;
         }
-        tracing::info!(object = %obj.key, hash = %obj.hash, "applied");
-        owned.insert(obj.key.clone(), Some(obj.hash.clone()));
-        metrics.applies.fetch_add(1, Relaxed);
-        metrics.wrote();
-        writes += 1;
-    }
 
-    let wanted: HashSet<&ObjectKey> = rendered.objects.iter().map(|o| &o.key).collect();
-    let mut stale: Vec<ObjectKey> = owned
-        .keys()
-        .filter(|k| !wanted.contains(k))
-        .cloned()
-        .collect();
-    stale.sort();
-    for key in stale {
-        if let Err(e) = cluster.delete(&key).await {
-            metrics.error(e.kind);
-            return Err(PassError::Retry(format!("deleting {key}: {e}")));
+        let wanted: HashSet<&ObjectKey> = rendered.objects.iter().map(|o| &o.key).collect();
+        let mut stale: Vec<ObjectKey> = owned
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .cloned()
+            .collect();
+        stale.sort();
+        for key in stale {
+            if let Err(e) = cluster.delete(&key).await {
+                metrics.error(e.kind);
+                return Err(PassError::Retry(format!("deleting {key}: {e}")));
+            }
+            tracing::info!(object = %key, "deleted");
+            owned.remove(&key);
+            metrics.deletes.fetch_add(1, Relaxed);
+            metrics.wrote();
+            writes += 1;
         }
-        tracing::info!(object = %key, "deleted");
-        owned.remove(&key);
-        metrics.deletes.fetch_add(1, Relaxed);
-        metrics.wrote();
-        writes += 1;
-    }
 
-    let stats = rendered.stats;
-    metrics.table_envs.store(stats.envs as u64, Relaxed);
-    metrics.table_services.store(stats.services as u64, Relaxed);
-    metrics.table_pairs.store(stats.pairs as u64, Relaxed);
-    tracing::debug!(
-        revision = rendered.table.revision.as_deref().unwrap_or_default(),
-        envs = stats.envs,
-        services = stats.services,
-        pairs = stats.pairs,
-        writes,
-        "sync pass done"
-    );
-    Ok(())
+        let stats = rendered.stats;
+        metrics.table_envs.store(stats.envs as u64, Relaxed);
+        metrics.table_services.store(stats.services as u64, Relaxed);
+        metrics.table_pairs.store(stats.pairs as u64, Relaxed);
+        tracing::debug!(
+            revision = rendered.table.revision.as_deref().unwrap_or_default(),
+            envs = stats.envs,
+            services = stats.services,
+            pairs = stats.pairs,
+            writes,
+            "sync pass done"
+        );
+        return Ok(());
+    }
 }
 
 #[cfg(test)]

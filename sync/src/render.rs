@@ -43,6 +43,11 @@ pub struct RenderOptions {
     /// Istio's root namespace (`meshConfig.rootNamespace`): EnvoyFilters
     /// there apply to every sidecar.
     pub istio_root_namespace: String,
+    /// Observed, not configured: objects with the names envlane-sync would
+    /// write that belong to someone else. A Service whose DestinationRule or
+    /// route EnvoyFilter is among them is left out of the table: the filter
+    /// must not choose subset clusters envlane cannot define (a 503).
+    pub foreign: BTreeSet<ObjectKey>,
 }
 
 /// Istio's default root namespace.
@@ -57,6 +62,7 @@ impl Default for RenderOptions {
             wasm_url: DEFAULT_WASM_URL.into(),
             wasm_sha256: None,
             istio_root_namespace: DEFAULT_ISTIO_ROOT_NAMESPACE.into(),
+            foreign: BTreeSet::new(),
         }
     }
 }
@@ -297,6 +303,27 @@ pub fn render<'a>(
                 svc.namespace, svc.name
             ));
             continue;
+        }
+        if settings.mode == Mode::Cluster {
+            let held = [
+                ObjectKey {
+                    namespace: svc.namespace.clone(),
+                    kind: Kind::DestinationRule,
+                    name: destination_rule_name(svc),
+                },
+                ObjectKey {
+                    namespace: opts.istio_root_namespace.clone(),
+                    kind: Kind::EnvoyFilter,
+                    name: routes::envoy_filter_name(&svc.namespace, &svc.name),
+                },
+            ];
+            if let Some(key) = held.iter().find(|k| opts.foreign.contains(k)) {
+                warnings.push(format!(
+                    "service {}/{}: {key} exists and is not managed by envlane-sync; the service is left out of the table",
+                    svc.namespace, svc.name
+                ));
+                continue;
+            }
         }
         with_envs.push((svc, envs));
     }
@@ -719,10 +746,15 @@ fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions)
     object(
         Kind::DestinationRule,
         &svc.namespace,
-        &format!("envlane-{}", svc.name),
+        &destination_rule_name(svc),
         labels,
         spec,
     )
+}
+
+/// `envlane-<service>`, in the Service's namespace.
+fn destination_rule_name(svc: &Service) -> String {
+    format!("envlane-{}", svc.name)
 }
 
 fn per_env_service(
