@@ -256,7 +256,7 @@ impl CommonArgs {
             wasm_url: self.wasm_url.clone(),
             wasm_sha256: self.wasm_sha256.clone(),
             istio_root_namespace: self.istio_root_namespace.clone(),
-            foreign: Default::default(),
+            blocked: Default::default(),
         })
     }
 }

@@ -252,6 +252,8 @@ struct WriteState {
     owned: Option<HashMap<ObjectKey, Option<String>>>,
     /// Objects found to belong to someone else (not retried until a re-list).
     conflicts: HashSet<ObjectKey>,
+    /// Objects whose read or write failed in the current pass.
+    failing: HashSet<ObjectKey>,
     invalid_seen: HashSet<InvalidLabel>,
     warnings_seen: HashSet<String>,
 }
@@ -331,12 +333,21 @@ async fn pass<C: Cluster>(
     state: &mut WriteState,
 ) -> Result<(), PassError> {
     metrics.reconciles.fetch_add(1, Relaxed);
-    // Objects found to be someone else's are left out of the render (their
-    // Services leave the table), so a pass that finds a new one renders again
-    // before any table is written. Each round adds one, so this ends.
+    // Objects that are someone else's, or whose write the API server refused
+    // in this pass, are left out of the render (their Services leave the
+    // table), so a pass that finds a new one renders again before any table
+    // is written. Each round adds at least one, so this ends. One failing
+    // object never stops the others: the pass goes on and is retried.
     let mut opts = opts.clone();
+    state.failing.clear();
+    let mut failures: Vec<String> = Vec::new();
     'render: loop {
-        opts.foreign = state.conflicts.iter().cloned().collect();
+        opts.blocked = state
+            .conflicts
+            .iter()
+            .chain(state.failing.iter())
+            .cloned()
+            .collect();
         let rendered = match shared.render(&opts) {
             Ok(r) => r,
             Err(e) => {
@@ -385,9 +396,11 @@ async fn pass<C: Cluster>(
             .iter()
             .partition(|o| o.key.kind == Kind::WasmPlugin);
         let mut writes = 0u64;
-        let known_conflicts = state.conflicts.len();
+        let known_blocked = state.conflicts.len() + state.failing.len();
         for obj in others.into_iter().chain(plugins) {
-            if obj.key.kind == Kind::WasmPlugin && state.conflicts.len() > known_conflicts {
+            if obj.key.kind == Kind::WasmPlugin
+                && state.conflicts.len() + state.failing.len() > known_blocked
+            {
                 continue 'render;
             }
             let force = match owned.get(&obj.key) {
@@ -405,7 +418,13 @@ async fn pass<C: Cluster>(
                     }
                     Err(e) => {
                         metrics.error(e.kind);
-                        return Err(PassError::Retry(format!("reading {}: {e}", obj.key)));
+                        failed(
+                            &mut state.failing,
+                            &mut failures,
+                            &obj.key,
+                            format!("reading {}: {e}", obj.key),
+                        );
+                        continue;
                     }
                 },
             };
@@ -416,7 +435,13 @@ async fn pass<C: Cluster>(
                     state.conflicts.insert(obj.key.clone());
                     continue;
                 }
-                return Err(PassError::Retry(format!("applying {}: {e}", obj.key)));
+                failed(
+                    &mut state.failing,
+                    &mut failures,
+                    &obj.key,
+                    format!("applying {}: {e}", obj.key),
+                );
+                continue;
             }
             tracing::info!(object = %obj.key, hash = %obj.hash, "applied");
             owned.insert(obj.key.clone(), Some(obj.hash.clone()));
@@ -435,7 +460,10 @@ async fn pass<C: Cluster>(
         for key in stale {
             if let Err(e) = cluster.delete(&key).await {
                 metrics.error(e.kind);
-                return Err(PassError::Retry(format!("deleting {key}: {e}")));
+                let why = format!("deleting {key}: {e}");
+                tracing::warn!("{why}; the rest of the pass goes on");
+                failures.push(why);
+                continue;
             }
             tracing::info!(object = %key, "deleted");
             owned.remove(&key);
@@ -454,10 +482,34 @@ async fn pass<C: Cluster>(
             services = stats.services,
             pairs = stats.pairs,
             writes,
+            failures = failures.len(),
             "sync pass done"
         );
+        if !failures.is_empty() {
+            return Err(PassError::Retry(format!(
+                "{} write(s) failed, first: {}",
+                failures.len(),
+                failures[0]
+            )));
+        }
         return Ok(());
     }
+}
+
+/// A write that failed: logged, kept for the pass's result, and (unless it
+/// is a table, which names nothing) its Service left out of this pass's
+/// table by the next render round.
+fn failed(
+    failing: &mut HashSet<ObjectKey>,
+    failures: &mut Vec<String>,
+    key: &ObjectKey,
+    why: String,
+) {
+    tracing::warn!("{why}; the rest of the pass goes on");
+    if key.kind != Kind::WasmPlugin {
+        failing.insert(key.clone());
+    }
+    failures.push(why);
 }
 
 #[cfg(test)]

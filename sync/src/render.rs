@@ -43,11 +43,12 @@ pub struct RenderOptions {
     /// Istio's root namespace (`meshConfig.rootNamespace`): EnvoyFilters
     /// there apply to every sidecar.
     pub istio_root_namespace: String,
-    /// Observed, not configured: objects with the names envlane-sync would
-    /// write that belong to someone else. A Service whose DestinationRule or
-    /// route EnvoyFilter is among them is left out of the table: the filter
-    /// must not choose subset clusters envlane cannot define (a 503).
-    pub foreign: BTreeSet<ObjectKey>,
+    /// Observed, not configured: objects envlane-sync cannot write, because
+    /// someone else holds the name or the API server refused the write in
+    /// this pass. A Service whose DestinationRule or route EnvoyFilter is
+    /// among them is left out of the table: the filter must not choose
+    /// subset clusters envlane cannot define (a 503).
+    pub blocked: BTreeSet<ObjectKey>,
 }
 
 /// Istio's default root namespace.
@@ -62,7 +63,7 @@ impl Default for RenderOptions {
             wasm_url: DEFAULT_WASM_URL.into(),
             wasm_sha256: None,
             istio_root_namespace: DEFAULT_ISTIO_ROOT_NAMESPACE.into(),
-            foreign: BTreeSet::new(),
+            blocked: BTreeSet::new(),
         }
     }
 }
@@ -317,9 +318,9 @@ pub fn render<'a>(
                     name: routes::envoy_filter_name(&svc.namespace, &svc.name),
                 },
             ];
-            if let Some(key) = held.iter().find(|k| opts.foreign.contains(k)) {
+            if let Some(key) = held.iter().find(|k| opts.blocked.contains(k)) {
                 warnings.push(format!(
-                    "service {}/{}: {key} exists and is not managed by envlane-sync; the service is left out of the table",
+                    "service {}/{}: {key} cannot be written (someone else's, or refused); the service is left out of the table",
                     svc.namespace, svc.name
                 ));
                 continue;

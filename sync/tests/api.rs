@@ -393,7 +393,7 @@ async fn envs_and_namespaces_come_and_go_and_foreign_objects_are_left_alone() {
 /// such (its Service is then left out of the table and of every object).
 async fn converged_except_conflicts(fake: &Fake, opts: &RenderOptions) -> bool {
     let mut opts = opts.clone();
-    opts.foreign.insert(render::ObjectKey {
+    opts.blocked.insert(render::ObjectKey {
         namespace: "demo".into(),
         kind: render::Kind::DestinationRule,
         name: "envlane-go".into(),
@@ -483,6 +483,49 @@ async fn api_down_then_back() {
         eventually(WAIT, || pairs(&fake, "demo")[0]
             == "go: dev,dev.proj2,dev.proj4")
         .await
+    );
+    assert!(converged(&fake, &opts).await);
+}
+
+/// Issue 11: any write error other than a conflict aborted the whole pass,
+/// so one namespace whose writes fail (a webhook, a quota) stopped every
+/// other namespace's updates. Now the rest of the pass goes on; the failing
+/// namespace's Services leave the table until their objects can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_refusing_writes_does_not_stop_the_others() {
+    let (fake, addr) = Fake::start().await;
+    seed(&fake);
+    fake.put("namespaces", ns("blocked", true));
+    fake.put("pods", pod("blocked", "php", "dev", true));
+    fake.put("services", svc("blocked", "php", "php"));
+    let opts = options(Mode::Cluster);
+    let run = start(addr, opts.clone(), loop_config(100));
+    assert!(converged(&fake, &opts).await);
+    assert!(pairs(&fake, "demo").contains(&"php: dev".to_string()));
+
+    fake.set_failing_writes_in(Some("blocked"));
+    let errors = run.metrics.error_count(ErrorKind::Api);
+    // A change in php's own namespace, and one in demo.
+    fake.put("pods", pod("blocked", "php", "dev.proj1", true));
+    fake.put("pods", pod("demo", "go", "dev.proj2", true));
+    assert!(
+        eventually(WAIT, || {
+            let p = pairs(&fake, "demo");
+            p.contains(&"go: dev,dev.proj2".to_string()) && !p.iter().any(|l| l.starts_with("php:"))
+        })
+        .await,
+        "demo is updated and php, whose DestinationRule cannot be written, left its table: {:?}",
+        pairs(&fake, "demo")
+    );
+    assert!(run.metrics.error_count(ErrorKind::Api) > errors);
+
+    fake.set_failing_writes_in(None);
+    assert!(
+        eventually(WAIT, || pairs(&fake, "blocked")
+            .contains(&"php: dev,dev.proj1".to_string()))
+        .await,
+        "{:?}",
+        pairs(&fake, "blocked")
     );
     assert!(converged(&fake, &opts).await);
 }

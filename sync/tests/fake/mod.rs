@@ -61,6 +61,8 @@ struct Inner {
     writes: Vec<Write>,
     failing: bool,
     failing_writes: bool,
+    /// PATCH and DELETE of objects in this namespace answer 500.
+    failing_writes_in: Option<String>,
     /// Watches from a resourceVersion below this get 410 Gone.
     min_watch_rv: u64,
     held: HashSet<String>,
@@ -311,6 +313,12 @@ impl Fake {
         self.lock().failing_writes = failing;
     }
 
+    /// PATCH and DELETE in namespace `ns` answer 500 (a webhook or quota that
+    /// refuses everything there) until `None`.
+    pub fn set_failing_writes_in(&self, ns: Option<&str>) {
+        self.lock().failing_writes_in = ns.map(str::to_string);
+    }
+
     /// Ends every open watch stream; clients re-watch from their last version.
     pub fn drop_watches(&self) {
         self.close.send_modify(|v| *v += 1);
@@ -376,7 +384,12 @@ async fn handle(
         let mut inner = fake.lock();
         inner.requests.push(format!("{method} {uri}"));
         let write = method == Method::PATCH || method == Method::DELETE;
-        if inner.failing || (write && inner.failing_writes) {
+        let in_failing_ns = inner.failing_writes_in.as_deref().is_some_and(|ns| {
+            segments
+                .windows(2)
+                .any(|w| w[0] == "namespaces" && w[1] == ns)
+        });
+        if inner.failing || (write && (inner.failing_writes || in_failing_ns)) {
             return reply(
                 500,
                 &status(500, "InternalError", "fake API server is down"),
