@@ -489,7 +489,7 @@ async fn pass<C: Cluster>(
             return Err(PassError::Retry(format!(
                 "{} write(s) failed, first: {}",
                 failures.len(),
-                failures[0]
+                failures.first().map_or("", String::as_str)
             )));
         }
         return Ok(());
