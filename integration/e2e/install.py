@@ -14,11 +14,11 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from controlplane import REPO, ControlPlane, free_port
+from harness import Process, wait_for
 
 BASE = REPO / "wasm-plugin-manifests" / "base"
 SYNC_BIN = REPO / "target" / "release" / "envlane-sync"
@@ -56,6 +56,7 @@ class EnvlaneSync:
         self.cp = cp
         self.dir = workdir
         self.extra_args = extra_args or []
+        self.process: Process | None = None
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "envlane-sync.log"
         self.port = 0
@@ -121,22 +122,15 @@ class EnvlaneSync:
         env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(self.kubeconfig()),
                "HOME": str(self.dir)}
         (self.dir / "envlane-sync.cmd").write_text(" ".join(argv) + "\n")
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.process = Process("envlane-sync", argv, self.dir, env)
+        self.proc = self.process.proc
         self.wait(lambda: self.http("/readyz")[0] == 200, "envlane-sync /readyz", 60)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.process is not None:
+            self.process.close()
+        self.process = self.proc = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -159,18 +153,9 @@ class EnvlaneSync:
         return None
 
     def wait(self, check, what: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"envlane-sync exited ({self.proc.returncode}) waiting for {what}:\n"
-                                   + self.log()[-4000:])
-            try:
-                got = check()
-                if got:
-                    return got
-            except Exception as e:  # noqa: BLE001 - retried until the deadline
-                last = e
-            time.sleep(0.1)
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n"
-                           + self.log()[-4000:])
+        """Polls `check` until it returns something true (returned), with a
+        deadline; fails at once if envlane-sync exits, with its log either way."""
+        try:
+            return wait_for(check, what, timeout, self.process)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log()[-4000:]}") from None

@@ -9,6 +9,7 @@ import pytest
 from conftest import FIGURES, shipped_settings
 from harness import wait_for
 from mesh import pod_name
+from sidecar import clusters, sections
 from topologies import ALIBABA, ALIBABA_CASES
 
 NS = "alibaba"
@@ -33,29 +34,22 @@ def test_alibaba_cases(meshes, env):
 
 
 def cluster_of(mesh, service: str, env: str) -> str:
-    """The env cluster istiod generated for (service, env): found in the
-    client sidecar's CDS by the subset's pod label, not by re-deriving names."""
-    from sidecar import clusters
-
+    """The env cluster istiod generated for (service, env): the one whose only
+    endpoint is that env's Pod, found in the client sidecar's CDS/EDS rather
+    than by re-deriving Istio's names."""
     fqdn = mesh.fqdn(service)
     dump = mesh.client.config_dump()
+    eds = {c["endpoint_config"]["cluster_name"]: c["endpoint_config"]
+           for c in sections(dump)["EndpointsConfigDump"].get("dynamic_endpoint_configs", [])}
+    pod_ip = mesh.cluster.api("GET", f"/api/v1/namespaces/{mesh.ns}/pods/{pod_name(service, env)}")["status"]["podIP"]
     subsets = [name for name in clusters(dump) if name.startswith("outbound|8080|") and name.endswith(f"|{fqdn}")
                and name.split("|")[2]]
-    eds = {c["endpoint_config"]["cluster_name"]: c["endpoint_config"]
-           for c in dump_sections(dump)["EndpointsConfigDump"].get("dynamic_endpoint_configs", [])}
-    pod_ip = mesh.cluster.api("GET", f"/api/v1/namespaces/{mesh.ns}/pods/{pod_name(service, env)}")["status"]["podIP"]
     for name in subsets:
         addrs = [e["endpoint"]["address"]["socket_address"]["address"]
                  for group in eds.get(name, {}).get("endpoints", []) for e in group.get("lb_endpoints", [])]
         if addrs == [pod_ip]:
             return name
     raise AssertionError(f"no cluster with only {pod_ip} among {subsets}")
-
-
-def dump_sections(dump):
-    from sidecar import sections
-
-    return sections(dump)
 
 
 @pytest.mark.parametrize("spoof_env", ["dev.proj1", "dev"])
