@@ -171,6 +171,12 @@ pub struct RunArgs {
     /// 500ms up to this).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+
+    /// `/readyz` answers 503 while a watch (namespaces, pods, services,
+    /// VirtualServices) has kept failing for longer than this: the tables
+    /// may be going stale.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub watch_stale_after: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

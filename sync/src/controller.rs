@@ -232,6 +232,8 @@ pub struct LoopConfig {
     pub resync: Option<Duration>,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// `/readyz` fails while a watch has been failing for longer than this.
+    pub watch_stale_after: Duration,
 }
 
 impl Default for LoopConfig {
@@ -241,6 +243,7 @@ impl Default for LoopConfig {
             resync: Some(Duration::from_secs(300)),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            watch_stale_after: Duration::from_secs(60),
         }
     }
 }

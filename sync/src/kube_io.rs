@@ -27,6 +27,9 @@ pub async fn run(client: Client, opts: RenderOptions, cfg: LoopConfig, metrics: 
     let shared = Arc::new(Shared::default());
     let mut tasks = JoinSet::new();
     let backoff = || RetryBackoff::new(cfg.backoff_initial, cfg.backoff_max);
+    // A failing watch retries at least every backoff_max: a longer quiet
+    // spell means it recovered (a healthy watch may send nothing for hours).
+    metrics.set_watch_staleness(cfg.watch_stale_after, cfg.backoff_max * 2);
 
     // Only pods that carry the env label matter.
     let pods = watcher::Config::default().labels(&opts.settings.env_label);
@@ -92,6 +95,7 @@ async fn watch<K, T>(
             Ok(e) => e,
             Err(e) => {
                 metrics.error(ErrorKind::Watch);
+                metrics.watch_failed(kind);
                 tracing::warn!(kind, error = %e, "watch failed; retrying (a 410 Gone relists)");
                 continue;
             }

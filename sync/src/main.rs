@@ -168,6 +168,7 @@ fn run_cmd(args: RunArgs) -> Result<(), String> {
         resync: (!args.resync.is_zero()).then_some(args.resync),
         backoff_initial: std::time::Duration::from_millis(500).min(args.max_backoff),
         backoff_max: args.max_backoff,
+        watch_stale_after: args.watch_stale_after,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

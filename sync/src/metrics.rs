@@ -1,9 +1,10 @@
 //! Counters and gauges, shown in Prometheus text format on `/metrics`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What went wrong, for `envlane_sync_errors_total{kind=...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,12 @@ pub struct Metrics {
     /// Current (not cumulative): envs of one Service sharing a subset name.
     pub subset_collisions: AtomicU64,
     ready: AtomicBool,
+    /// Per watched kind: (first error of the current run of errors, last error).
+    watch_failures: Mutex<HashMap<&'static str, (Instant, Instant)>>,
+    /// 0 = watch staleness not checked.
+    watch_stale_after_ms: AtomicU64,
+    /// Errors further apart than this belong to different runs.
+    watch_gap_ms: AtomicU64,
     last_write: Mutex<Option<Instant>>,
     last_sync: Mutex<Option<Instant>>,
 }
@@ -94,6 +101,58 @@ impl Metrics {
         self.ready.load(Relaxed)
     }
 
+    pub fn set_watch_staleness(&self, stale_after: Duration, gap: Duration) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.watch_stale_after_ms.store(ms(stale_after), Relaxed);
+        self.watch_gap_ms.store(ms(gap), Relaxed);
+    }
+
+    /// A watch of `kind` failed (it is retried with backoff).
+    pub fn watch_failed(&self, kind: &'static str) {
+        self.watch_failed_at(kind, Instant::now());
+    }
+
+    fn watch_failed_at(&self, kind: &'static str, now: Instant) {
+        let gap = Duration::from_millis(self.watch_gap_ms.load(Relaxed));
+        if let Ok(mut failures) = self.watch_failures.lock() {
+            let run = failures.entry(kind).or_insert((now, now));
+            if now.saturating_duration_since(run.1) > gap {
+                run.0 = now; // a new run of errors
+            }
+            run.1 = now;
+        }
+    }
+
+    /// Kinds whose watch has kept failing for longer than the staleness
+    /// limit (errors no further apart than the gap), sorted.
+    pub fn stale_watches(&self) -> Vec<&'static str> {
+        self.stale_watches_at(Instant::now())
+    }
+
+    fn stale_watches_at(&self, now: Instant) -> Vec<&'static str> {
+        let stale_after = self.watch_stale_after_ms.load(Relaxed);
+        if stale_after == 0 {
+            return Vec::new();
+        }
+        let stale_after = Duration::from_millis(stale_after);
+        let gap = Duration::from_millis(self.watch_gap_ms.load(Relaxed));
+        let mut out: Vec<&'static str> = self
+            .watch_failures
+            .lock()
+            .map(|f| {
+                f.iter()
+                    .filter(|(_, (first, last))| {
+                        now.saturating_duration_since(*last) <= gap
+                            && last.saturating_duration_since(*first) >= stale_after
+                    })
+                    .map(|(kind, _)| *kind)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_unstable();
+        out
+    }
+
     pub fn writes(&self) -> u64 {
         self.applies.load(Relaxed) + self.deletes.load(Relaxed)
     }
@@ -106,6 +165,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         };
+        gauge(
+            "envlane_sync_watches_stale",
+            "Watches that have kept failing for longer than --watch-stale-after (then /readyz fails).",
+            self.stale_watches().len().to_string(),
+        );
         gauge(
             "envlane_sync_subset_collisions",
             "Groups of envs of one Service that share a subset name, left out of that Service (current table).",
@@ -188,6 +252,31 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_is_stale_only_after_failing_for_the_whole_limit() {
+        let m = Metrics::default();
+        m.set_watch_staleness(Duration::from_secs(60), Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Errors every 30 s (the backoff cap).
+        m.watch_failed_at("Pod", at(0));
+        m.watch_failed_at("Pod", at(30));
+        assert!(m.stale_watches_at(at(30)).is_empty(), "30 s of errors");
+        m.watch_failed_at("Pod", at(60));
+        m.watch_failed_at("Pod", at(90));
+        assert_eq!(m.stale_watches_at(at(90)), vec!["Pod"], "90 s of errors");
+        // Quiet for longer than the gap: it recovered.
+        assert!(m.stale_watches_at(at(200)).is_empty());
+        // A new error starts a new run, not stale yet.
+        m.watch_failed_at("Pod", at(200));
+        assert!(m.stale_watches_at(at(200)).is_empty());
+        // Off when no limit is set.
+        let off = Metrics::default();
+        off.watch_failed_at("Pod", at(0));
+        off.watch_failed_at("Pod", at(100));
+        assert!(off.stale_watches_at(at(100)).is_empty());
+    }
 
     #[test]
     fn prometheus_text() {

@@ -20,10 +20,19 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.is_ready() {
-        (StatusCode::OK, "ready\n")
+    let stale = m.stale_watches();
+    if !m.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not synced yet\n".to_string(),
+        )
+    } else if !stale.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("watch failing: {}\n", stale.join(", ")),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 

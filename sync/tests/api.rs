@@ -81,6 +81,7 @@ fn loop_config(debounce_ms: u64) -> LoopConfig {
         resync: None,
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
+        watch_stale_after: Duration::from_secs(60),
     }
 }
 
@@ -527,6 +528,36 @@ async fn one_namespace_refusing_writes_does_not_stop_the_others() {
         "{:?}",
         pairs(&fake, "blocked")
     );
+    assert!(converged(&fake, &opts).await);
+}
+
+/// Issue 11: /readyz stayed ready while a watch kept failing, so nobody saw
+/// the tables going stale. Now a watch failing for longer than
+/// --watch-stale-after makes it fail, until the watch recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_failing_for_too_long_makes_readiness_fail_until_it_recovers() {
+    let (fake, addr) = Fake::start().await;
+    seed(&fake);
+    let opts = options(Mode::Cluster);
+    let cfg = LoopConfig {
+        watch_stale_after: Duration::from_millis(300),
+        ..loop_config(50)
+    };
+    let run = start(addr, opts.clone(), cfg);
+    assert!(converged(&fake, &opts).await);
+    assert!(run.metrics.stale_watches().is_empty());
+    fake.set_failing(true);
+    assert!(
+        eventually(WAIT, || run.metrics.stale_watches().len() == 4).await,
+        "{:?}",
+        run.metrics.stale_watches()
+    );
+    assert!(run
+        .metrics
+        .to_prometheus()
+        .contains("envlane_sync_watches_stale 4"));
+    fake.set_failing(false);
+    assert!(eventually(WAIT, || run.metrics.stale_watches().is_empty()).await);
     assert!(converged(&fake, &opts).await);
 }
 
