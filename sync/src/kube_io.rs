@@ -230,7 +230,7 @@ impl Cluster for KubeCluster {
             params = params.force();
         }
         self.api(&obj.key)
-            .patch(&obj.key.name, &params, &Patch::Apply(&obj.body))
+            .patch(&obj.key.name, &params, &Patch::Apply(obj.body()))
             .await
             .map(|_| ())
             .map_err(api_error)

@@ -7,7 +7,7 @@ use crate::render::DesiredObject;
 pub fn to_yaml(objects: &[DesiredObject]) -> Result<String, String> {
     let mut out = String::new();
     for obj in objects {
-        let doc = serde_saphyr::to_string(&obj.body).map_err(|e| format!("{}: {e}", obj.key))?;
+        let doc = serde_saphyr::to_string(&obj.body()).map_err(|e| format!("{}: {e}", obj.key))?;
         out.push_str("---\n");
         out.push_str(&doc);
         if !doc.ends_with('\n') {

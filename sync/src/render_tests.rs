@@ -434,7 +434,8 @@ fn subset_names_are_tenant_stable_and_collisions_stay_in_their_service() {
             .iter()
             .filter(|o| o.key.kind == Kind::DestinationRule)
         {
-            let names: Vec<&str> = o.body["spec"]["subsets"]
+            let body = o.body();
+            let names: Vec<&str> = body["spec"]["subsets"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -619,7 +620,7 @@ fn cluster_mode_objects() {
             "EnvoyFilter/istio-system/envlane-routes.demo.node",
         ]
     );
-    let wp = &r.objects[0].body;
+    let wp = &r.objects[0].body();
     assert_eq!(wp["spec"]["phase"], "AUTHN");
     assert_eq!(wp["spec"]["match"][0]["mode"], "CLIENT");
     assert_eq!(wp["spec"]["failStrategy"], "FAIL_OPEN");
@@ -628,13 +629,13 @@ fn cluster_mode_objects() {
     assert_eq!(table, r.table);
     assert!(table.envs.iter().all(|e| e.subset.is_some()));
     assert_eq!(
-        r.objects[4].body["spec"]["pluginConfig"],
+        r.objects[4].body()["spec"]["pluginConfig"],
         wp["spec"]["pluginConfig"]
     );
     let rev = table.revision.as_deref().unwrap();
     assert_eq!(rev.len(), 12);
 
-    let dr = &r.objects[2].body;
+    let dr = &r.objects[2].body();
     assert_eq!(dr["spec"]["host"], "java.demo.svc.cluster.local");
     let subsets = dr["spec"]["subsets"].as_array().unwrap();
     assert_eq!(subsets.len(), 3);
@@ -654,7 +655,7 @@ fn cluster_mode_objects() {
     }
     for o in &r.objects {
         assert_eq!(
-            o.body["metadata"]["annotations"][HASH_ANNOTATION],
+            o.body()["metadata"]["annotations"][HASH_ANNOTATION],
             o.hash.as_str()
         );
     }
@@ -693,7 +694,7 @@ fn host_mode_writes_per_env_services() {
     );
     let go_proj2 = svcs
         .iter()
-        .find(|o| o.body["spec"]["selector"]["virtual-env"] == "dev.proj2")
+        .find(|o| o.body()["spec"]["selector"]["virtual-env"] == "dev.proj2")
         .unwrap();
     let subset = r
         .table
@@ -703,13 +704,14 @@ fn host_mode_writes_per_env_services() {
         .and_then(|e| e.subset.clone())
         .unwrap();
     assert_eq!(go_proj2.key.name, format!("go-{subset}"));
-    assert_eq!(go_proj2.body["spec"]["selector"]["app"], "go");
-    let ports = go_proj2.body["spec"]["ports"].as_array().unwrap();
+    assert_eq!(go_proj2.body()["spec"]["selector"]["app"], "go");
+    let body = go_proj2.body();
+    let ports = body["spec"]["ports"].as_array().unwrap();
     assert_eq!(ports.len(), 2);
     assert_eq!(ports[0]["port"], 8080);
     assert_eq!(ports[1]["port"], 9090);
     assert_eq!(
-        go_proj2.body["metadata"]["labels"][MANAGED_BY_KEY],
+        go_proj2.body()["metadata"]["labels"][MANAGED_BY_KEY],
         MANAGED_BY_VALUE
     );
     // The long service: `dev` fits (50 + 4 chars), the hashed subsets do not.
@@ -872,8 +874,8 @@ fn sha256_and_plugin_name_flags() {
     let r = render(&[ns("demo", true)], &[], &[], &opts).unwrap();
     assert_eq!(r.objects.len(), 1);
     assert_eq!(r.objects[0].key.name, "routing");
-    assert_eq!(r.objects[0].body["spec"]["sha256"], "ab".repeat(32));
-    assert_eq!(r.objects[0].body["spec"]["url"], "oci://example/x:1");
+    assert_eq!(r.objects[0].body()["spec"]["sha256"], "ab".repeat(32));
+    assert_eq!(r.objects[0].body()["spec"]["url"], "oci://example/x:1");
     assert!(r.table.services.is_empty());
 }
 
@@ -908,7 +910,7 @@ fn route_patches_follow_the_table_and_virtual_services() {
         r.objects
             .iter()
             .find(|o| o.key.kind == Kind::EnvoyFilter && o.key.name.ends_with(svc))
-            .map(|o| o.body["spec"]["configPatches"].clone())
+            .map(|o| o.body()["spec"]["configPatches"].clone())
             .unwrap()
     };
     let go = filter(".go");
@@ -994,7 +996,7 @@ fn every_rendered_object_follows_each_shared_setting() {
             .find(|o| o.key.kind == Kind::WasmPlugin)
             .unwrap();
         let published: PluginConfig =
-            serde_json::from_value(wasm.body["spec"]["pluginConfig"].clone()).unwrap();
+            serde_json::from_value(wasm.body()["spec"]["pluginConfig"].clone()).unwrap();
         let mut expected = settings.clone();
         expected.envs = published.envs.clone();
         expected.services = published.services.clone();
@@ -1026,8 +1028,8 @@ fn every_rendered_object_follows_each_shared_setting() {
                     o.key.kind == Kind::DestinationRule && o.key.name == format!("envlane-{name}")
                 })
                 .unwrap();
-            assert_eq!(dr.body["spec"]["host"], entry.host.as_str(), "{what}");
-            let got: BTreeMap<String, Value> = dr.body["spec"]["subsets"]
+            assert_eq!(dr.body()["spec"]["host"], entry.host.as_str(), "{what}");
+            let got: BTreeMap<String, Value> = dr.body()["spec"]["subsets"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -1052,7 +1054,7 @@ fn every_rendered_object_follows_each_shared_setting() {
                     o.key.kind == Kind::EnvoyFilter && o.key.name.ends_with(&format!(".{name}"))
                 })
                 .unwrap();
-            let patch = &ef.body["spec"]["configPatches"][0];
+            let patch = &ef.body()["spec"]["configPatches"][0];
             assert_eq!(
                 patch["match"]["routeConfiguration"]["vhost"]["name"],
                 format!("{}:8080", entry.host),

@@ -160,7 +160,7 @@ fn expected(fake: &Fake, opts: &RenderOptions) -> Vec<(String, Value)> {
     .unwrap();
     r.objects
         .into_iter()
-        .map(|o| (o.key.to_string(), o.body))
+        .map(|o| (o.key.to_string(), o.body()))
         .collect()
 }
 
