@@ -52,7 +52,10 @@ fn main() {
                 e.1 += serde_json::to_vec(&o.body()).map_or(0, |v| v.len());
             }
             for (kind, (n, bytes)) in &by_kind {
-                println!("  {kind}: {n} objects, {:.1} MB as JSON", *bytes as f64 / 1e6);
+                println!(
+                    "  {kind}: {n} objects, {:.1} MB as JSON",
+                    *bytes as f64 / 1e6
+                );
             }
             println!(
                 "{pods} pods, {services} services, {namespaces} namespaces -> {} pairs, {} objects, table {:.1} MB JSON",
