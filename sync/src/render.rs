@@ -482,12 +482,7 @@ pub fn render<'a>(
         RoutingTable::compile(&table, &Node::default()).map_err(RenderError::InvalidTable)?;
     // Cluster mode: the route patch for every service port (empty in host mode).
     let virtual_services: Vec<&VirtualService> = virtual_services.into_iter().collect();
-    let (route_patches, route_warnings) = routes::patches(
-        &compiled.cluster_targets(),
-        &virtual_services,
-        &settings.cluster_domain,
-    );
-    warnings.extend(route_warnings);
+    let port_targets = compiled.cluster_targets();
 
     let stats = TableStats {
         envs: table.envs.len(),
@@ -511,20 +506,27 @@ pub fn render<'a>(
         .iter()
         .map(|(svc, _)| (fqdn(svc, &settings.cluster_domain), *svc))
         .collect();
-    for (host, patches) in route_patches {
-        if let Some(svc) = by_fqdn.get(host) {
-            let mut labels = Map::new();
-            labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
-            labels.insert(SERVICE_NAMESPACE_LABEL.into(), svc.namespace.clone().into());
-            objects.push(object(
-                Kind::EnvoyFilter,
-                &opts.istio_root_namespace,
-                &routes::envoy_filter_name(&svc.namespace, &svc.name),
-                labels,
-                json!({ "configPatches": patches }),
-            ));
-        }
-    }
+    // One service's route patches at a time, straight into its object.
+    let route_warnings = routes::each_service_patches(
+        &port_targets,
+        &virtual_services,
+        &settings.cluster_domain,
+        |host, patches| {
+            if let Some(svc) = by_fqdn.get(host) {
+                let mut labels = Map::new();
+                labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
+                labels.insert(SERVICE_NAMESPACE_LABEL.into(), svc.namespace.clone().into());
+                objects.push(object(
+                    Kind::EnvoyFilter,
+                    &opts.istio_root_namespace,
+                    &routes::envoy_filter_name(&svc.namespace, &svc.name),
+                    labels,
+                    json!({ "configPatches": patches }),
+                ));
+            }
+        },
+    );
+    warnings.extend(route_warnings);
     for (svc, envs) in &with_envs {
         let pairs: Vec<(&str, &str)> = envs
             .iter()

@@ -170,18 +170,42 @@ pub fn patches<'t>(
     cluster_domain: &str,
 ) -> (Vec<(&'t str, Vec<Value>)>, Vec<String>) {
     let mut out: Vec<(&'t str, Vec<Value>)> = Vec::new();
+    let warnings = each_service_patches(targets, virtual_services, cluster_domain, |fqdn, list| {
+        out.push((fqdn, list));
+    });
+    (out, warnings)
+}
+
+/// [`patches`], handed to `each` one service at a time (its ports' patches
+/// together, services with none skipped), so a caller can turn them into
+/// an object before the next service's are built: thousands of services'
+/// parsed patches at once were most of a pass's memory. Returns the warnings.
+pub fn each_service_patches<'t>(
+    targets: &[PortTargets<'t>],
+    virtual_services: &[&VirtualService],
+    cluster_domain: &str,
+    mut each: impl FnMut(&'t str, Vec<Value>),
+) -> Vec<String> {
     let mut warnings = Vec::new();
+    let mut current: Option<(&'t str, Vec<Value>)> = None;
     for t in targets {
         let (scopes, why) = plan(t.fqdn, t.port, virtual_services, cluster_domain);
         warnings.extend(why);
         let values = scopes.iter().map(|s| patch(t, s));
-        match out.last_mut() {
+        match &mut current {
             Some((fqdn, list)) if *fqdn == t.fqdn => list.extend(values),
-            _ => out.push((t.fqdn, values.collect())),
+            _ => {
+                if let Some((fqdn, list)) = current.take().filter(|(_, l)| !l.is_empty()) {
+                    each(fqdn, list);
+                }
+                current = Some((t.fqdn, values.collect()));
+            }
         }
     }
-    out.retain(|(_, list)| !list.is_empty());
-    (out, warnings)
+    if let Some((fqdn, list)) = current.filter(|(_, l)| !l.is_empty()) {
+        each(fqdn, list);
+    }
+    warnings
 }
 
 /// The name of a service's route EnvoyFilter: dots cannot occur in a
