@@ -124,6 +124,7 @@ case "${1:-build}" in
     scripts/images.sh
     build_sync
     python3 scripts/gen_manifests.py "${@:2}"
+    python3 scripts/gen_chart.py
     ;;
   demo)
     build_wasm

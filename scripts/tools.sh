@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The chart and monitoring checks' tools, pinned and cached (an explicit setup
+# step: `./build.sh` scripts never install anything behind your back).
+#
+#   scripts/tools.sh helm         build Helm once from its Go module
+#                                 (go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION),
+#                                 print its path
+#   scripts/tools.sh prometheus   install Debian's prometheus package (pinned
+#                                 $PROMETHEUS_DEB, promtool included) when it is
+#                                 missing, print the path of prometheus
+#   scripts/tools.sh promtool     the same, print the path of promtool
+#   scripts/tools.sh all          both
+#
+# Helm goes to ${XDG_CACHE_HOME:-$HOME/.cache}/envlane/tools/helm-<version>-<go>-<os>-<arch>/helm;
+# a warm rerun only checks the file is there. Prometheus needs apt-get and
+# root (the tests that need it skip, saying so, when it is absent).
+set -euo pipefail
+
+HELM_VERSION=v3.21.4
+PROMETHEUS_DEB=2.42.0+ds-5+deb12u1
+cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/envlane/tools"
+
+log() { printf 'tools.sh: %s\n' "$*" >&2; }
+
+helm_path() {
+  command -v go >/dev/null || { log "go not found on PATH (Helm is built from its Go module)"; exit 1; }
+  echo "$cache_root/helm-$HELM_VERSION-$(go env GOVERSION GOOS GOARCH | tr '\n' '-' | sed 's/-$//')/helm"
+}
+
+cmd_helm() {
+  local out dir start
+  out="$(helm_path)"
+  if [[ ! -x "$out" ]]; then
+    dir="$(dirname "$out")"
+    mkdir -p "$dir"
+    log "building helm $HELM_VERSION (go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION; once, then cached)"
+    start=$(date +%s)
+    GOBIN="$dir/.tmp" CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -trimpath" \
+      go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+      "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    mv -f "$dir/.tmp/helm" "$out"
+    rmdir "$dir/.tmp"
+    log "built helm in $(( $(date +%s) - start ))s: $out"
+  fi
+  echo "$out"
+}
+
+cmd_prometheus() {
+  local want="$1"
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+     || [[ "$(dpkg-query -W -f '${Version}' prometheus 2>/dev/null)" != "$PROMETHEUS_DEB" ]]; then
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
+      log "prometheus $PROMETHEUS_DEB is not installed and this is not a root Debian shell: apt-get install prometheus=$PROMETHEUS_DEB"
+      exit 1
+    fi
+    log "installing Debian's prometheus=$PROMETHEUS_DEB (apt-get, no recommends)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends "prometheus=$PROMETHEUS_DEB" >&2 \
+      || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "prometheus=$PROMETHEUS_DEB" >&2; }
+    # The package starts a system-wide service where an init system runs; the
+    # tests start their own server on a free port.
+  fi
+  command -v "$want"
+}
+
+case "${1:-}" in
+  helm) cmd_helm ;;
+  prometheus) cmd_prometheus prometheus ;;
+  promtool) cmd_prometheus promtool ;;
+  all) cmd_helm; cmd_prometheus prometheus ;;
+  *)
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 2
+    ;;
+esac
