@@ -13,9 +13,9 @@ use tokio::time::Instant;
 
 use crate::metrics::{ErrorKind, Metrics};
 use crate::model::{Namespace, Pod, Service, VirtualService};
-use crate::render::{
-    render, DesiredObject, InvalidLabel, Kind, ObjectKey, RenderError, RenderOptions,
-};
+use crate::plan::{plan, Observed, Write, DEFAULT_MAX_OBJECT_BYTES};
+use crate::render::{render, DesiredObject, Kind, ObjectKey, RenderError, RenderOptions};
+use crate::warning::{Reason, Regarding, Warning};
 
 /// What a watcher reports, in the shape of a relisting watch.
 #[derive(Debug, Clone)]
@@ -223,6 +223,8 @@ pub trait Cluster: Send + Sync {
     ) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// Deletes; an object already gone is success.
     fn delete(&self, key: &ObjectKey) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Records a Kubernetes Event (best effort: the caller only logs a failure).
+    fn event(&self, warning: &Warning) -> impl Future<Output = Result<(), ApiError>> + Send;
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +236,8 @@ pub struct LoopConfig {
     pub backoff_max: Duration,
     /// `/readyz` fails while a watch has been failing for longer than this.
     pub watch_stale_after: Duration,
+    /// Objects larger than this are refused before writing.
+    pub max_object_bytes: usize,
 }
 
 impl Default for LoopConfig {
@@ -244,8 +248,16 @@ impl Default for LoopConfig {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             watch_stale_after: Duration::from_secs(60),
+            max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
         }
     }
+}
+
+/// A namespace whose writes failed: nothing in it is written until `until`.
+#[derive(Debug, Clone, Copy)]
+struct NamespaceBackoff {
+    until: Instant,
+    delay: Duration,
 }
 
 /// State kept between passes.
@@ -255,10 +267,11 @@ struct WriteState {
     owned: Option<HashMap<ObjectKey, Option<String>>>,
     /// Objects found to belong to someone else (not retried until a re-list).
     conflicts: HashSet<ObjectKey>,
-    /// Objects whose read or write failed in the current pass.
-    failing: HashSet<ObjectKey>,
-    invalid_seen: HashSet<InvalidLabel>,
-    warnings_seen: HashSet<String>,
+    /// Objects that cannot be written in the current pass: their write
+    /// failed, they are too large, or their namespace is backing off.
+    unwritable: HashSet<ObjectKey>,
+    backoff: HashMap<String, NamespaceBackoff>,
+    warnings_seen: HashSet<Warning>,
 }
 
 enum PassError {
@@ -272,7 +285,7 @@ enum PassError {
 /// after each (debounced) change, retrying failed passes with backoff.
 pub async fn run<C: Cluster>(
     shared: Arc<Shared>,
-    cluster: C,
+    cluster: &C,
     opts: RenderOptions,
     cfg: LoopConfig,
     metrics: Arc<Metrics>,
@@ -285,7 +298,7 @@ pub async fn run<C: Cluster>(
     let mut backoff = cfg.backoff_initial;
     loop {
         let rendered_generation = shared.generation();
-        match pass(&shared, &cluster, &opts, &metrics, &mut state).await {
+        match pass(&shared, cluster, &opts, &cfg, &metrics, &mut state).await {
             Ok(()) => {
                 backoff = cfg.backoff_initial;
                 metrics.synced();
@@ -301,11 +314,19 @@ pub async fn run<C: Cluster>(
                 tracing::error!(error = %e, "nothing published; waiting for the next change");
             }
         }
-        // Wait for a change not yet rendered, or the resync timer.
+        // Wait for a change not yet rendered, the end of a namespace's
+        // backoff, or the resync timer.
         let resync_at = cfg.resync.map(|d| Instant::now() + d);
+        let retry_at = state.backoff.values().map(|b| b.until).min();
         loop {
             let timer = async {
                 match resync_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let retry = async {
+                match retry_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -315,6 +336,10 @@ pub async fn run<C: Cluster>(
                     if shared.generation() != rendered_generation {
                         break;
                     }
+                }
+                () = retry => {
+                    tracing::debug!("retrying namespaces whose writes failed");
+                    break;
                 }
                 () = timer => {
                     tracing::debug!("periodic resync");
@@ -328,27 +353,50 @@ pub async fn run<C: Cluster>(
     }
 }
 
+/// Logs, counts and records (as an Event) a warning the first time it is seen.
+async fn warn<C: Cluster>(cluster: &C, metrics: &Metrics, seen: &mut HashSet<Warning>, w: Warning) {
+    if seen.contains(&w) {
+        return;
+    }
+    tracing::warn!(reason = w.reason.as_str(), object = %format_args!("{}/{}/{}", w.regarding.kind, w.regarding.namespace, w.regarding.name), "{}", w.message);
+    metrics.warned(w.reason);
+    if let Err(e) = cluster.event(&w).await {
+        metrics.error(e.kind);
+        tracing::debug!(error = %e, "could not record the event");
+    }
+    seen.insert(w);
+}
+
 async fn pass<C: Cluster>(
     shared: &Shared,
     cluster: &C,
     opts: &RenderOptions,
+    cfg: &LoopConfig,
     metrics: &Metrics,
     state: &mut WriteState,
 ) -> Result<(), PassError> {
     metrics.reconciles.fetch_add(1, Relaxed);
-    // Objects that are someone else's, or whose write the API server refused
-    // in this pass, are left out of the render (their Services leave the
-    // table), so a pass that finds a new one renders again before any table
-    // is written. Each round adds at least one, so this ends. One failing
-    // object never stops the others: the pass goes on and is retried.
+    // Objects that are someone else's, too large, refused by the API server
+    // in this pass, or in a namespace backing off, are left out of the
+    // render (their Services leave the table), so a pass that finds a new
+    // one renders again before any table is written. Each round adds at
+    // least one, so this ends. A failing namespace never stops the others.
     let mut opts = opts.clone();
-    state.failing.clear();
-    let mut failures: Vec<String> = Vec::new();
+    let now = Instant::now();
+    let paused: HashSet<String> = state
+        .backoff
+        .iter()
+        .filter(|(_, b)| b.until > now)
+        .map(|(ns, _)| ns.clone())
+        .collect();
+    metrics.set_namespaces_backing_off(paused.len());
+    state.unwritable.clear();
+    let mut failed_namespaces: HashSet<String> = HashSet::new();
     'render: loop {
         opts.blocked = state
             .conflicts
             .iter()
-            .chain(state.failing.iter())
+            .chain(state.unwritable.iter())
             .cloned()
             .collect();
         let rendered = match shared.render(&opts) {
@@ -359,121 +407,180 @@ async fn pass<C: Cluster>(
             }
         };
         for bad in &rendered.invalid_labels {
-            if state.invalid_seen.insert(bad.clone()) {
+            let w = Warning::new(
+                Regarding::pod(&bad.namespace, &bad.pod),
+                Reason::InvalidEnvLabel,
+                format!(
+                    "pod {}/{}: env label value `{}` is not a valid env ({}); pod skipped",
+                    bad.namespace, bad.pod, bad.value, bad.reason
+                ),
+            );
+            if !state.warnings_seen.contains(&w) {
                 metrics.invalid_env_labels.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    namespace = %bad.namespace, pod = %bad.pod, value = %bad.value, reason = %bad.reason,
-                    "pod env label is not a valid env; pod skipped"
-                );
             }
+            warn(cluster, metrics, &mut state.warnings_seen, w).await;
         }
         metrics
             .subset_collisions
             .store(rendered.subset_collisions.len() as u64, Relaxed);
         for w in &rendered.warnings {
-            if state.warnings_seen.insert(w.clone()) {
+            if !state.warnings_seen.contains(w) {
                 metrics.skipped_pairs.fetch_add(1, Relaxed);
-                tracing::warn!("{w}");
             }
+            warn(cluster, metrics, &mut state.warnings_seen, w.clone()).await;
         }
 
-        let owned = match &mut state.owned {
-            Some(owned) => owned,
-            none => {
-                let mut owned = HashMap::new();
-                for kind in Kind::ALL {
-                    let listed = cluster.list_owned(kind).await.map_err(|e| {
-                        metrics.error(e.kind);
-                        PassError::Retry(format!("listing owned {}: {e}", kind.plural()))
-                    })?;
-                    owned.extend(listed);
-                }
-                none.insert(owned)
+        if state.owned.is_none() {
+            let mut owned = HashMap::new();
+            for kind in Kind::ALL {
+                let listed = cluster.list_owned(kind).await.map_err(|e| {
+                    metrics.error(e.kind);
+                    PassError::Retry(format!("listing owned {}: {e}", kind.plural()))
+                })?;
+                owned.extend(listed);
             }
-        };
+            state.owned = Some(owned);
+        }
+        let empty = HashMap::new();
+        let owned_now = state.owned.as_ref().unwrap_or(&empty);
+        let planned = plan(
+            &rendered.objects,
+            Observed {
+                owned: owned_now,
+                foreign: &state.conflicts,
+                paused: &paused,
+            },
+            cfg.max_object_bytes,
+        );
 
-        // Subsets (DestinationRules, per-env Services) before the tables that
-        // name them; deletions last.
-        let (plugins, others): (Vec<&DesiredObject>, Vec<&DesiredObject>) = rendered
-            .objects
-            .iter()
-            .partition(|o| o.key.kind == Kind::WasmPlugin);
-        let mut writes = 0u64;
-        let known_blocked = state.conflicts.len() + state.failing.len();
-        for obj in others.into_iter().chain(plugins) {
-            if obj.key.kind == Kind::WasmPlugin
-                && state.conflicts.len() + state.failing.len() > known_blocked
+        // What cannot be written this pass: its Service leaves the table.
+        let mut newly_blocked = false;
+        for obj in &planned.too_large {
+            let w = Warning::new(
+                Regarding::namespace(&obj.key.namespace),
+                Reason::ObjectTooLarge,
+                format!(
+                    "{} would be {} bytes, over the {}-byte limit: not written{}",
+                    obj.key,
+                    obj.size_bytes(),
+                    cfg.max_object_bytes,
+                    if obj.key.kind == Kind::WasmPlugin {
+                        "; this namespace keeps its previous table"
+                    } else {
+                        "; its Service is left out of the table"
+                    }
+                ),
+            );
+            warn(cluster, metrics, &mut state.warnings_seen, w).await;
+            if obj.key.kind != Kind::WasmPlugin {
+                newly_blocked |= state.unwritable.insert(obj.key.clone());
+            }
+        }
+        for key in &planned.deferred {
+            if key.kind != Kind::WasmPlugin {
+                newly_blocked |= state.unwritable.insert(key.clone());
+            }
+        }
+        if newly_blocked {
+            continue 'render;
+        }
+        let unchanged = planned.unchanged;
+
+        let known_blocked = state.conflicts.len() + state.unwritable.len();
+        let mut done = 0u64;
+        for write in planned.writes {
+            let key = write.key().clone();
+            if key.kind == Kind::WasmPlugin
+                && state.conflicts.len() + state.unwritable.len() > known_blocked
             {
                 continue 'render;
             }
-            let force = match owned.get(&obj.key) {
-                Some(Some(hash)) if *hash == obj.hash => continue,
-                Some(_) => true,
-                None if state.conflicts.contains(&obj.key) => continue,
-                None => match cluster.ownership(&obj.key).await {
-                    Ok(Ownership::Absent) => false,
-                    Ok(Ownership::Ours) => true,
+            let result = match write {
+                Write::Delete(_) => cluster.delete(&key).await.map(|()| "deleted"),
+                Write::Update(obj) => cluster.apply(obj, true).await.map(|()| "applied"),
+                Write::Create(obj) => match cluster.ownership(&key).await {
                     Ok(Ownership::Foreign) => {
                         metrics.error(ErrorKind::Conflict);
-                        tracing::error!(object = %obj.key, "exists and is not managed by envlane-sync; left alone");
-                        state.conflicts.insert(obj.key.clone());
+                        state.conflicts.insert(key.clone());
+                        let w = foreign(&key);
+                        warn(cluster, metrics, &mut state.warnings_seen, w).await;
                         continue;
                     }
-                    Err(e) => {
-                        metrics.error(e.kind);
-                        failed(
-                            &mut state.failing,
-                            &mut failures,
-                            &obj.key,
-                            format!("reading {}: {e}", obj.key),
-                        );
-                        continue;
-                    }
+                    Ok(Ownership::Ours) => cluster.apply(obj, true).await.map(|()| "applied"),
+                    Ok(Ownership::Absent) => cluster.apply(obj, false).await.map(|()| "applied"),
+                    Err(e) => Err(e),
                 },
             };
-            if let Err(e) = cluster.apply(obj, force).await {
-                metrics.error(e.kind);
-                if e.kind == ErrorKind::Conflict {
-                    tracing::error!(object = %obj.key, error = %e, "apply conflict; left alone");
-                    state.conflicts.insert(obj.key.clone());
-                    continue;
+            match result {
+                Ok(what) => {
+                    let hash = match &write {
+                        Write::Update(o) | Write::Create(o) => Some(o.hash.clone()),
+                        Write::Delete(_) => None,
+                    };
+                    tracing::info!(object = %key, hash = hash.as_deref().unwrap_or_default(), "{what}");
+                    if let Some(owned) = state.owned.as_mut() {
+                        match hash {
+                            Some(h) => owned.insert(key, Some(h)),
+                            None => owned.remove(&key),
+                        };
+                    }
+                    if what == "deleted" {
+                        metrics.deletes.fetch_add(1, Relaxed);
+                    } else {
+                        metrics.applies.fetch_add(1, Relaxed);
+                    }
+                    metrics.wrote();
+                    done += 1;
                 }
-                failed(
-                    &mut state.failing,
-                    &mut failures,
-                    &obj.key,
-                    format!("applying {}: {e}", obj.key),
-                );
-                continue;
+                Err(e) if e.kind == ErrorKind::Conflict && !matches!(write, Write::Delete(_)) => {
+                    metrics.error(e.kind);
+                    state.conflicts.insert(key.clone());
+                    let w = foreign(&key);
+                    warn(cluster, metrics, &mut state.warnings_seen, w).await;
+                }
+                Err(e) => {
+                    metrics.error(e.kind);
+                    metrics.namespace_write_failed(&key.namespace);
+                    tracing::warn!(object = %key, error = %e, "write failed; the other namespaces go on");
+                    if key.kind != Kind::WasmPlugin && !matches!(write, Write::Delete(_)) {
+                        state.unwritable.insert(key.clone());
+                    }
+                    if failed_namespaces.insert(key.namespace.clone()) {
+                        let w = Warning::new(
+                            Regarding::namespace(&key.namespace),
+                            Reason::WriteFailed,
+                            format!(
+                                "writing {key} failed: {e}; retrying this namespace with backoff"
+                            ),
+                        );
+                        // A new Event per failure episode, not per retry.
+                        state.warnings_seen.remove(&w);
+                        warn(cluster, metrics, &mut state.warnings_seen, w).await;
+                    }
+                }
             }
-            tracing::info!(object = %obj.key, hash = %obj.hash, "applied");
-            owned.insert(obj.key.clone(), Some(obj.hash.clone()));
-            metrics.applies.fetch_add(1, Relaxed);
-            metrics.wrote();
-            writes += 1;
         }
 
-        let wanted: HashSet<&ObjectKey> = rendered.objects.iter().map(|o| &o.key).collect();
-        let mut stale: Vec<ObjectKey> = owned
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .cloned()
-            .collect();
-        stale.sort();
-        for key in stale {
-            if let Err(e) = cluster.delete(&key).await {
-                metrics.error(e.kind);
-                let why = format!("deleting {key}: {e}");
-                tracing::warn!("{why}; the rest of the pass goes on");
-                failures.push(why);
-                continue;
-            }
-            tracing::info!(object = %key, "deleted");
-            owned.remove(&key);
-            metrics.deletes.fetch_add(1, Relaxed);
-            metrics.wrote();
-            writes += 1;
+        // Backoff per namespace: doubled while it keeps failing, forgotten
+        // once a pass writes it without error.
+        let now = Instant::now();
+        for ns in &failed_namespaces {
+            let delay = state
+                .backoff
+                .get(ns)
+                .map_or(cfg.backoff_initial, |b| (b.delay * 2).min(cfg.backoff_max));
+            state.backoff.insert(
+                ns.clone(),
+                NamespaceBackoff {
+                    until: now + delay,
+                    delay,
+                },
+            );
         }
+        state
+            .backoff
+            .retain(|ns, _| failed_namespaces.contains(ns) || paused.contains(ns));
+        metrics.set_namespaces_backing_off(state.backoff.len());
 
         let stats = rendered.stats;
         metrics.table_envs.store(stats.envs as u64, Relaxed);
@@ -484,35 +591,21 @@ async fn pass<C: Cluster>(
             envs = stats.envs,
             services = stats.services,
             pairs = stats.pairs,
-            writes,
-            failures = failures.len(),
+            writes = done,
+            unchanged,
+            failed_namespaces = failed_namespaces.len(),
             "sync pass done"
         );
-        if !failures.is_empty() {
-            return Err(PassError::Retry(format!(
-                "{} write(s) failed, first: {}",
-                failures.len(),
-                failures.first().map_or("", String::as_str)
-            )));
-        }
         return Ok(());
     }
 }
 
-/// A write that failed: logged, kept for the pass's result, and (unless it
-/// is a table, which names nothing) its Service left out of this pass's
-/// table by the next render round.
-fn failed(
-    failing: &mut HashSet<ObjectKey>,
-    failures: &mut Vec<String>,
-    key: &ObjectKey,
-    why: String,
-) {
-    tracing::warn!("{why}; the rest of the pass goes on");
-    if key.kind != Kind::WasmPlugin {
-        failing.insert(key.clone());
-    }
-    failures.push(why);
+fn foreign(key: &ObjectKey) -> Warning {
+    Warning::new(
+        Regarding::object(key),
+        Reason::ForeignObject,
+        format!("{key} exists and is not managed by envlane-sync: left alone; what needs it is left out of the table"),
+    )
 }
 
 #[cfg(test)]

@@ -4,18 +4,22 @@
 //!
 //! * [`render`] is pure: inputs to desired objects.
 //! * [`kube_io`] is the only module that talks to the API server.
-//! * [`controller`] debounces changes, renders, and writes what changed.
+//! * [`plan`] is pure: desired and observed objects to the writes.
+//! * [`controller`] debounces changes, renders, and executes the plan.
 
 pub mod cli;
 pub mod controller;
 pub mod input;
 pub mod kube_io;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod plan;
 pub mod render;
 pub mod routes;
 pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod synthetic;
+pub mod warning;

@@ -92,6 +92,7 @@ fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
     let (by_service, warnings) =
         envlane_sync::routes::patches(&port_targets, &refs, &config.cluster_domain);
     let patches: Vec<_> = by_service.into_iter().flat_map(|(_, p)| p).collect();
+    let warnings: Vec<&str> = warnings.iter().map(|w| w.message.as_str()).collect();
     let out =
         serde_json::json!({"configPatches": patches, "warnings": warnings, "targets": targets});
     print(serde_json::to_string_pretty(&out).map_err(|e| e.to_string()))
@@ -169,7 +170,9 @@ fn run_cmd(args: RunArgs) -> Result<(), String> {
         backoff_initial: std::time::Duration::from_millis(500).min(args.max_backoff),
         backoff_max: args.max_backoff,
         watch_stale_after: args.watch_stale_after,
+        max_object_bytes: args.max_object_bytes,
     };
+    let election = args.election()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -190,14 +193,24 @@ fn run_cmd(args: RunArgs) -> Result<(), String> {
             mode = ?opts.settings.mode,
             "starting"
         );
-        tokio::select! {
+        let result = tokio::select! {
             r = serve => r.map_err(|e| format!("http server: {e}")),
-            () = kube_io::run(client, opts, cfg, metrics) => Ok(()),
+            () = kube_io::run(client.clone(), opts, cfg, election.clone(), metrics) => Ok(()),
             s = shutdown_signal() => {
                 tracing::info!("{s}; exiting");
                 Ok(())
             }
+        };
+        // The writer stopped above: hand the Lease over now rather than
+        // making the next replica wait out its duration.
+        if let Some(election) = &election {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                kube_io::release(client, election),
+            )
+            .await;
         }
+        result
     })
 }
 

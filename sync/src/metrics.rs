@@ -1,10 +1,12 @@
 //! Counters and gauges, shown in Prometheus text format on `/metrics`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::warning::Reason;
 
 /// What went wrong, for `envlane_sync_errors_total{kind=...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,15 @@ pub struct Metrics {
     /// Current (not cumulative): envs of one Service sharing a subset name.
     pub subset_collisions: AtomicU64,
     ready: AtomicBool,
+    /// A standby (not the leader) whose view of the cluster is complete.
+    standby_ready: AtomicBool,
+    /// This replica holds the leader Lease (or runs without election).
+    leader: AtomicBool,
+    /// Warnings (each distinct one once) by Event reason.
+    warnings: Mutex<BTreeMap<&'static str, u64>>,
+    /// Failed writes by namespace.
+    namespace_write_failures: Mutex<BTreeMap<String, u64>>,
+    namespaces_backing_off: AtomicU64,
     /// Per watched kind: (first error of the current run of errors, last error).
     watch_failures: Mutex<HashMap<&'static str, (Instant, Instant)>>,
     /// 0 = watch staleness not checked.
@@ -82,6 +93,38 @@ impl Metrics {
         self.errors(kind).load(Relaxed)
     }
 
+    pub fn warned(&self, reason: Reason) {
+        if let Ok(mut w) = self.warnings.lock() {
+            *w.entry(reason.as_str()).or_default() += 1;
+        }
+    }
+
+    pub fn namespace_write_failed(&self, namespace: &str) {
+        if let Ok(mut f) = self.namespace_write_failures.lock() {
+            *f.entry(namespace.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn namespace_write_failures(&self, namespace: &str) -> u64 {
+        self.namespace_write_failures
+            .lock()
+            .ok()
+            .and_then(|f| f.get(namespace).copied())
+            .unwrap_or_default()
+    }
+
+    pub fn set_namespaces_backing_off(&self, n: usize) {
+        self.namespaces_backing_off.store(n as u64, Relaxed);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Relaxed);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Relaxed)
+    }
+
     pub fn wrote(&self) {
         if let Ok(mut t) = self.last_write.lock() {
             *t = Some(Instant::now());
@@ -96,9 +139,14 @@ impl Metrics {
         self.ready.store(true, Relaxed);
     }
 
-    /// Ready after the first successful sync.
+    /// Ready after the first successful sync, or as a standby whose view
+    /// is complete.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed)
+        self.ready.load(Relaxed) || (self.standby_ready.load(Relaxed) && !self.is_leader())
+    }
+
+    pub fn set_standby_ready(&self, ready: bool) {
+        self.standby_ready.store(ready, Relaxed);
     }
 
     pub fn set_watch_staleness(&self, stale_after: Duration, gap: Duration) {
@@ -191,6 +239,16 @@ impl Metrics {
             self.table_envs.load(Relaxed).to_string(),
         );
         gauge(
+            "envlane_sync_namespaces_backing_off",
+            "Namespaces whose last write failed, retried with backoff (the others go on).",
+            self.namespaces_backing_off.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_leader",
+            "1 while this replica holds the leader Lease and writes.",
+            u8::from(self.is_leader()).to_string(),
+        );
+        gauge(
             "envlane_sync_ready",
             "1 once a sync has succeeded.",
             u8::from(self.is_ready()).to_string(),
@@ -244,6 +302,34 @@ impl Metrics {
             "envlane_sync_skipped_pairs_total",
             "(service, env) pairs left out for another reason (each once).",
             &[(String::new(), self.skipped_pairs.load(Relaxed))],
+        );
+        let warnings: Vec<(String, u64)> = self
+            .warnings
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        counter(
+            "envlane_sync_warnings_total",
+            "Distinct warnings (each also a Kubernetes Event) by reason.",
+            &warnings,
+        );
+        let failures: Vec<(String, u64)> = self
+            .namespace_write_failures
+            .lock()
+            .map(|f| {
+                f.iter()
+                    .map(|(ns, n)| (format!("{{namespace=\"{ns}\"}}"), *n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        counter(
+            "envlane_sync_namespace_write_failures_total",
+            "Writes the API server refused, by namespace.",
+            &failures,
         );
         out
     }

@@ -16,6 +16,7 @@ use crate::model::{
 };
 use crate::routes;
 use crate::selector::LabelSelector;
+use crate::warning::{Reason, Regarding, Warning};
 
 /// Where the WasmPlugin runs: `AUTHN` is the earliest phase Istio offers, so
 /// the filter sets its route header before any other extension and long
@@ -156,6 +157,8 @@ pub struct DesiredObject {
     /// The table, one copy shared by every namespace's WasmPlugin: with 400
     /// opted-in namespaces, 400 copies of a 20k-pair table were ~0.5 GiB.
     table: Option<Arc<Value>>,
+    /// Bytes of `table` as JSON (0 without one).
+    table_bytes: usize,
 }
 
 impl DesiredObject {
@@ -166,6 +169,24 @@ impl DesiredObject {
             *slot = Value::clone(table);
         }
         full
+    }
+
+    /// The size of the object as sent (within a few bytes): what the API
+    /// server's request limit is checked against.
+    pub fn size_bytes(&self) -> usize {
+        self.json.len().saturating_add(self.table_bytes)
+    }
+
+    /// An object of about `bytes` bytes, for plan tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(key: ObjectKey, hash: &str, bytes: usize) -> Self {
+        Self {
+            key,
+            hash: hash.into(),
+            json: "{}".into(),
+            table: None,
+            table_bytes: bytes.saturating_sub(2),
+        }
     }
 }
 
@@ -196,7 +217,7 @@ pub struct Rendered {
     pub invalid_labels: Vec<InvalidLabel>,
     /// Pairs left out for another reason (host mode: per-env Service name
     /// too long; envs of one Service sharing a subset name).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
     /// Envs of one Service whose subset names are equal: left out of it.
     pub subset_collisions: Vec<SubsetCollision>,
     pub stats: TableStats,
@@ -318,9 +339,13 @@ pub fn render<'a>(
             continue;
         }
         if svc.headless {
-            warnings.push(format!(
-                "service {}/{} is headless (clusterIP None): Istio sends its requests to the address the client resolved, so env routing cannot apply; left out",
-                svc.namespace, svc.name
+            warnings.push(Warning::new(
+                Regarding::service(&svc.namespace, &svc.name),
+                Reason::HeadlessService,
+                format!(
+                    "service {}/{} is headless (clusterIP None): Istio sends its requests to the address the client resolved, so env routing cannot apply; left out",
+                    svc.namespace, svc.name
+                ),
             ));
             continue;
         }
@@ -338,9 +363,13 @@ pub fn render<'a>(
                 },
             ];
             if let Some(key) = held.iter().find(|k| opts.blocked.contains(k)) {
-                warnings.push(format!(
-                    "service {}/{}: {key} cannot be written (someone else's, or refused); the service is left out of the table",
-                    svc.namespace, svc.name
+                warnings.push(Warning::new(
+                    Regarding::service(&svc.namespace, &svc.name),
+                    Reason::ServiceBlocked,
+                    format!(
+                        "service {}/{}: {key} cannot be written (someone else's, too large, or refused); the service is left out of the table",
+                        svc.namespace, svc.name
+                    ),
                 ));
                 continue;
             }
@@ -371,15 +400,19 @@ pub fn render<'a>(
         }
         let mut clashing: HashSet<&str> = HashSet::new();
         for (subset, names) in by_subset.iter().filter(|(_, v)| v.len() > 1) {
-            warnings.push(format!(
-                "service {}/{}: envs {} all map to subset `{subset}`; left out of this service",
-                svc.namespace,
-                svc.name,
-                names
-                    .iter()
-                    .map(|n| format!("`{n}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+            warnings.push(Warning::new(
+                Regarding::service(&svc.namespace, &svc.name),
+                Reason::SubsetCollision,
+                format!(
+                    "service {}/{}: envs {} all map to subset `{subset}`; left out of this service",
+                    svc.namespace,
+                    svc.name,
+                    names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
             ));
             subset_collisions.push(SubsetCollision {
                 namespace: svc.namespace.clone(),
@@ -435,8 +468,10 @@ pub fn render<'a>(
                         .map(|c| format!("is also the per-env Service of {}", others(c, &pair)))
                 };
                 if let Some(problem) = &problem {
-                    warnings.push(format!(
-                        "{pair}: per-env Service name `{name}` {problem}; left out"
+                    warnings.push(Warning::new(
+                        Regarding::service(&svc.namespace, &svc.name),
+                        Reason::HostNameClash,
+                        format!("{pair}: per-env Service name `{name}` {problem}; left out"),
                     ));
                 }
                 problem.is_none()
@@ -495,12 +530,16 @@ pub fn render<'a>(
         serde_json::to_value(&table)
             .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?,
     );
-    let table_hash = format!(
-        "{:016x}",
-        fnv1a64(&serde_json::to_vec(&table).unwrap_or_default())
-    );
+    let table_json = serde_json::to_vec(&table).unwrap_or_default();
+    let table_hash = format!("{:016x}", fnv1a64(&table_json));
     for ns in &opted {
-        objects.push(wasm_plugin(ns, &plugin_config, &table_hash, opts));
+        objects.push(wasm_plugin(
+            ns,
+            &plugin_config,
+            &table_hash,
+            table_json.len(),
+            opts,
+        ));
     }
     let by_fqdn: HashMap<String, &Service> = with_envs
         .iter()
@@ -720,6 +759,7 @@ fn object(
         hash,
         json: serde_json::to_string(&body).unwrap_or_default().into(),
         table: None,
+        table_bytes: 0,
     }
 }
 
@@ -729,6 +769,7 @@ fn wasm_plugin(
     namespace: &str,
     plugin_config: &Arc<Value>,
     table_hash: &str,
+    table_bytes: usize,
     opts: &RenderOptions,
 ) -> DesiredObject {
     let mut spec = json!({
@@ -751,6 +792,7 @@ fn wasm_plugin(
         spec,
     );
     obj.table = Some(Arc::clone(plugin_config));
+    obj.table_bytes = table_bytes;
     obj
 }
 

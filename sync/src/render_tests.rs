@@ -421,9 +421,9 @@ fn subset_names_are_tenant_stable_and_collisions_stay_in_their_service() {
             assert_eq!((c.namespace.as_str(), c.service.as_str()), ("team-a", "go"));
             assert_eq!(c.envs, vec![derived.clone(), "dev.proj1".to_string()]);
             assert!(
-                r.warnings.iter().any(|w| w.contains("team-a/go")
-                    && w.contains("`dev.proj1`")
-                    && w.contains(&format!("`{derived}`"))),
+                r.warnings.iter().any(|w| w.message.contains("team-a/go")
+                    && w.message.contains("`dev.proj1`")
+                    && w.message.contains(&format!("`{derived}`"))),
                 "{:?}",
                 r.warnings
             );
@@ -526,7 +526,7 @@ fn host_mode_name_clashes_are_left_out_before_anything_is_written() {
             assert!(
                 r.warnings
                     .iter()
-                    .any(|w| case.warned.iter().all(|part| w.contains(part))),
+                    .any(|w| case.warned.iter().all(|part| w.message.contains(part))),
                 "{}: {:?}",
                 case.what,
                 r.warnings
@@ -590,7 +590,7 @@ fn a_headless_service_is_left_out_with_a_warning() {
         assert!(
             r.warnings
                 .iter()
-                .any(|w| w.contains("demo/ledger") && w.contains("headless")),
+                .any(|w| w.message.contains("demo/ledger") && w.message.contains("headless")),
             "{:?}",
             r.warnings
         );
@@ -927,7 +927,8 @@ fn route_patches_follow_the_table_and_virtual_services() {
     assert!(
         r.warnings
             .iter()
-            .any(|w| w.contains("VirtualService demo/go http[2]") && w.contains("no `name`")),
+            .any(|w| w.message.contains("VirtualService demo/go http[2]")
+                && w.message.contains("no `name`")),
         "{:?}",
         r.warnings
     );

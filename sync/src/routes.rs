@@ -18,6 +18,7 @@ use envlane::table::{istio_cluster, PortTargets};
 use serde_json::{json, Map, Value};
 
 use crate::model::VirtualService;
+use crate::warning::{Reason, Regarding, Warning};
 
 /// Prefix of the EnvoyFilters envlane-sync writes, one per service, in
 /// Istio's root namespace (mesh-wide: every caller's sidecar needs the patch;
@@ -65,7 +66,7 @@ pub fn plan(
     port: u16,
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
-) -> (Vec<Scope>, Vec<String>) {
+) -> (Vec<Scope>, Vec<Warning>) {
     let covering: Vec<&&VirtualService> = virtual_services
         .iter()
         .filter(|vs| {
@@ -99,10 +100,14 @@ pub fn plan(
                 Some(name) => {
                     named.insert(name.clone());
                 }
-                None => warnings.push(format!(
-                    "VirtualService {}/{} http[{i}] sends {fqdn}:{port} to the service but has no \
-                     `name`: envlane cannot patch that route alone, so it is not env-routed; name it",
-                    vs.namespace, vs.name
+                None => warnings.push(Warning::new(
+                    Regarding::virtual_service(&vs.namespace, &vs.name),
+                    Reason::UnnamedRoute,
+                    format!(
+                        "VirtualService {}/{} http[{i}] sends {fqdn}:{port} to the service but has no \
+                         `name`: envlane cannot patch that route alone, so it is not env-routed; name it",
+                        vs.namespace, vs.name
+                    ),
                 )),
             }
         }
@@ -168,7 +173,7 @@ pub fn patches<'t>(
     targets: &[PortTargets<'t>],
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
-) -> (Vec<(&'t str, Vec<Value>)>, Vec<String>) {
+) -> (Vec<(&'t str, Vec<Value>)>, Vec<Warning>) {
     let mut out: Vec<(&'t str, Vec<Value>)> = Vec::new();
     let warnings = each_service_patches(targets, virtual_services, cluster_domain, |fqdn, list| {
         out.push((fqdn, list));
@@ -185,7 +190,7 @@ pub fn each_service_patches<'t>(
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
     mut each: impl FnMut(&'t str, Vec<Value>),
-) -> Vec<String> {
+) -> Vec<Warning> {
     let mut warnings = Vec::new();
     let mut current: Option<(&'t str, Vec<Value>)> = None;
     for t in targets {

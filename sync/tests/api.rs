@@ -82,6 +82,7 @@ fn loop_config(debounce_ms: u64) -> LoopConfig {
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
         watch_stale_after: Duration::from_secs(60),
+        ..LoopConfig::default()
     }
 }
 
@@ -111,7 +112,7 @@ fn start(addr: std::net::SocketAddr, opts: RenderOptions, cfg: LoopConfig) -> Ru
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
     let metrics = Arc::new(Metrics::default());
-    let handle = tokio::spawn(kube_io::run(client, opts, cfg, metrics.clone()));
+    let handle = tokio::spawn(kube_io::run(client, opts, cfg, None, metrics.clone()));
     Running { handle, metrics }
 }
 
@@ -141,6 +142,15 @@ fn pairs(fake: &Fake, ns: &str) -> Vec<String> {
 
 /// What a fresh render of the fake's current objects wants.
 fn expected(fake: &Fake, opts: &RenderOptions) -> Vec<(String, Value)> {
+    rendered(fake, opts)
+        .objects
+        .into_iter()
+        .map(|o| (o.key.to_string(), o.body()))
+        .collect()
+}
+
+/// What render makes of the fake's namespaces, pods and services.
+fn rendered(fake: &Fake, opts: &RenderOptions) -> render::Rendered {
     let mut items = Vec::new();
     for resource in ["namespaces", "pods", "services"] {
         for name in fake.names(resource) {
@@ -150,18 +160,14 @@ fn expected(fake: &Fake, opts: &RenderOptions) -> Vec<(String, Value)> {
     }
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
     let snap = input::read_snapshot(&list).unwrap();
-    let r = render::render(
+    render::render(
         &snap.namespaces,
         &snap.pods,
         &snap.services,
         &snap.virtual_services,
         opts,
     )
-    .unwrap();
-    r.objects
-        .into_iter()
-        .map(|o| (o.key.to_string(), o.body()))
-        .collect()
+    .unwrap()
 }
 
 /// The managed objects the fake holds, in the same shape.
@@ -315,6 +321,19 @@ async fn envs_and_namespaces_come_and_go_and_foreign_objects_are_left_alone() {
         fake.get("destinationrules", "demo", "envlane-go").unwrap()["spec"],
         foreign["spec"],
         "a foreign object is never written"
+    );
+    // Issue 11: an Event on the foreign object says why its Service is not
+    // env-routed.
+    assert!(
+        eventually(WAIT, || fake.events().iter().any(
+            |(ns, reason, about, note)| ns == "demo"
+                && reason == "ForeignObject"
+                && about == "DestinationRule/envlane-go"
+                && note.contains("not managed by envlane-sync")
+        ))
+        .await,
+        "{:?}",
+        fake.events()
     );
     // Its Service leaves the table (issue 11): the filter must not pick the
     // subset clusters only envlane's DestinationRule would define (a 503);
@@ -519,6 +538,33 @@ async fn one_namespace_refusing_writes_does_not_stop_the_others() {
         pairs(&fake, "demo")
     );
     assert!(run.metrics.error_count(ErrorKind::Api) > errors);
+    // Issue 11: the failure is counted and reported per namespace.
+    assert!(run.metrics.namespace_write_failures("blocked") > 0);
+    assert_eq!(run.metrics.namespace_write_failures("demo"), 0);
+    assert!(run
+        .metrics
+        .to_prometheus()
+        .contains("envlane_sync_namespace_write_failures_total{namespace=\"blocked\"}"));
+    assert!(
+        eventually(WAIT, || fake.events().iter().any(
+            |(ns, reason, about, _)| ns == "blocked"
+                && reason == "WriteFailed"
+                && about == "Namespace/blocked"
+        ))
+        .await,
+        "{:?}",
+        fake.events()
+    );
+    // While blocked keeps failing and backing off, demo's changes still go
+    // through at once.
+    fake.put("pods", pod("demo", "go", "dev.proj3", true));
+    assert!(
+        eventually(WAIT, || pairs(&fake, "demo")
+            .contains(&"go: dev,dev.proj2,dev.proj3".to_string()))
+        .await,
+        "{:?}",
+        pairs(&fake, "demo")
+    );
 
     fake.set_failing_writes_in(None);
     assert!(
@@ -679,6 +725,62 @@ async fn invalid_env_labels_are_counted_and_never_written() {
     assert!(!serde_json::to_string(&table(&fake, "demo"))
         .unwrap()
         .contains("dev..x"));
+    assert!(
+        eventually(WAIT, || fake.events().iter().any(
+            |(ns, reason, about, _)| ns == "demo"
+                && reason == "InvalidEnvLabel"
+                && about == "Pod/go-bad"
+        ))
+        .await,
+        "{:?}",
+        fake.events()
+    );
+}
+
+/// Issue 11: nothing guarded object sizes, so a table over etcd's request
+/// limit failed at every pass. Now an object over --max-object-bytes is
+/// refused whole before writing, with an Event, and the rest is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_over_the_size_limit_is_refused_with_an_event() {
+    let (fake, addr) = Fake::start().await;
+    seed(&fake);
+    // Host mode: per-env Services are small, the table is not.
+    let opts = options(Mode::Host);
+    // A limit every object but the tables fits in.
+    let r = rendered(&fake, &opts);
+    let (tables, others): (Vec<_>, Vec<_>) = r
+        .objects
+        .iter()
+        .partition(|o| o.key.kind == render::Kind::WasmPlugin);
+    let limit = others.iter().map(|o| o.size_bytes()).max().unwrap();
+    assert!(
+        tables.iter().all(|t| t.size_bytes() > limit),
+        "precondition"
+    );
+    let cfg = LoopConfig {
+        max_object_bytes: limit,
+        ..loop_config(100)
+    };
+    let run = start(addr, opts.clone(), cfg);
+    assert!(eventually(WAIT, || run.metrics.is_ready()).await);
+    assert!(
+        eventually(WAIT, || fake.events().iter().any(
+            |(ns, reason, about, note)| ns == "demo"
+                && reason == "ObjectTooLarge"
+                && about == "Namespace/demo"
+                && note.contains("WasmPlugin/demo/envlane")
+        ))
+        .await,
+        "{:?}",
+        fake.events()
+    );
+    assert!(fake.get("wasmplugins", "demo", "envlane").is_none());
+    assert!(fake.get("services", "demo", "go-dev").is_some());
+    assert!(!fake.writes().iter().any(|w| w.resource == "wasmplugins"));
+    assert!(run
+        .metrics
+        .to_prometheus()
+        .contains("envlane_sync_warnings_total{reason=\"ObjectTooLarge\"} 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

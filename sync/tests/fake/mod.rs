@@ -69,6 +69,8 @@ struct Inner {
     lists: BTreeMap<String, u32>,
     watches: BTreeMap<String, u32>,
     requests: Vec<String>,
+    /// Events created, in order.
+    events: Vec<Value>,
 }
 
 pub struct Fake {
@@ -288,6 +290,27 @@ impl Fake {
         self.lock().requests.clone()
     }
 
+    /// Events created so far: (namespace, reason, regarding kind/name, note).
+    pub fn events(&self) -> Vec<(String, String, String, String)> {
+        self.lock()
+            .events
+            .iter()
+            .map(|e| {
+                let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+                (
+                    s(&e["metadata"]["namespace"]),
+                    s(&e["reason"]),
+                    format!(
+                        "{}/{}",
+                        s(&e["regarding"]["kind"]),
+                        s(&e["regarding"]["name"])
+                    ),
+                    s(&e["note"]),
+                )
+            })
+            .collect()
+    }
+
     pub fn write_count(&self) -> usize {
         self.lock().writes.len()
     }
@@ -375,6 +398,9 @@ async fn handle(
             Some(((*resource).into(), Some((*ns).into()), Some((*name).into())))
         }
         ["apis", _, _, resource] => Some(((*resource).into(), None, None)),
+        ["api", "v1", "namespaces", ns, resource] | ["apis", _, _, "namespaces", ns, resource] => {
+            Some(((*resource).into(), Some((*ns).into()), None))
+        }
         ["apis", _, _, "namespaces", ns, resource, name] => {
             Some(((*resource).into(), Some((*ns).into()), Some((*name).into())))
         }
@@ -418,6 +444,18 @@ async fn handle(
                 .unwrap_or_default()
                 .to_string();
             apply(&fake, resource, ns, name, query, content_type, &body)
+        }
+        (Method::POST, Some(ns), None) if resource == "events" => {
+            let mut event: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return reply(400, &status(400, "BadRequest", &e.to_string())),
+            };
+            let mut inner = fake.lock();
+            let name = format!("envlane-sync-{}", inner.events.len());
+            event["metadata"]["name"] = name.clone().into();
+            event["metadata"]["namespace"] = ns.clone().into();
+            inner.events.push(event.clone());
+            reply(201, &event)
         }
         (Method::DELETE, Some(ns), Some(name)) => {
             let mut inner = fake.lock();
