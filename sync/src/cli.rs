@@ -177,6 +177,62 @@ pub struct RunArgs {
     /// may be going stale.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub watch_stale_after: Duration,
+
+    /// Objects larger than this (bytes of JSON) are refused, with an Event,
+    /// before writing: etcd refuses requests over 1.5 MiB.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::plan::DEFAULT_MAX_OBJECT_BYTES)]
+    pub max_object_bytes: usize,
+
+    /// Write only while holding a coordination.k8s.io Lease, so two
+    /// replicas (e.g. during a rollout) never write at once.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader Lease (the pod's own, from `POD_NAMESPACE`).
+    #[arg(
+        long,
+        value_name = "NAMESPACE",
+        env = "POD_NAMESPACE",
+        default_value = "envlane-system"
+    )]
+    pub leader_elect_namespace: String,
+
+    /// Name of the leader Lease.
+    #[arg(long, value_name = "NAME", default_value = "envlane-sync")]
+    pub leader_elect_lease_name: String,
+
+    /// How long a leader's claim lasts without renewal: the longest a
+    /// standby waits after a leader dies without releasing the Lease.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+
+    /// A leader that could not renew for this long stops writing (shorter
+    /// than the lease duration).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+
+    /// How often the Lease is read and renewed.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
+}
+
+impl RunArgs {
+    /// The election, if enabled, with its timings checked.
+    pub fn election(&self) -> Result<Option<crate::kube_io::Election>, String> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let config = crate::leader::ElectionConfig::try_new(
+            self.leader_elect_lease_duration,
+            self.leader_elect_renew_deadline,
+            self.leader_elect_retry_period,
+        )?;
+        Ok(Some(crate::kube_io::Election {
+            namespace: self.leader_elect_namespace.clone(),
+            name: self.leader_elect_lease_name.clone(),
+            config,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

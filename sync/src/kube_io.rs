@@ -6,8 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1 as coordv1;
 use k8s_openapi::api::core::v1 as corev1;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use k8s_openapi::api::events::v1 as eventsv1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
@@ -16,14 +20,34 @@ use kube::{Client, ResourceExt};
 use tokio::task::JoinSet;
 
 use crate::controller::{self, ApiError, Cluster, LoopConfig, Ownership, Shared, StoreEvent};
+use crate::leader::{lost, ElectionConfig, LeaseRecord, Observation, Step};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::model::{self, HASH_ANNOTATION, MANAGED_BY_KEY, MANAGED_BY_VALUE};
 use crate::render::{DesiredObject, Kind, ObjectKey, RenderOptions};
+use crate::warning::Warning;
 
 pub const FIELD_MANAGER: &str = "envlane-sync";
+/// `reportingController` of envlane-sync's Events.
+pub const REPORTING_CONTROLLER: &str = "envlane.io/envlane-sync";
 
-/// Watches and writes until dropped (the watcher tasks stop with it).
-pub async fn run(client: Client, opts: RenderOptions, cfg: LoopConfig, metrics: Arc<Metrics>) {
+/// Where the leader Lease lives; `None` in [`run`]: write without election.
+#[derive(Debug, Clone)]
+pub struct Election {
+    pub namespace: String,
+    pub name: String,
+    pub config: ElectionConfig,
+}
+
+/// Watches and writes until dropped (the watcher tasks stop with it). With
+/// an election, only while holding the Lease: a standby keeps its view
+/// current and takes over when the leader stops renewing.
+pub async fn run(
+    client: Client,
+    opts: RenderOptions,
+    cfg: LoopConfig,
+    election: Option<Election>,
+    metrics: Arc<Metrics>,
+) {
     let shared = Arc::new(Shared::default());
     let mut tasks = JoinSet::new();
     let backoff = || RetryBackoff::new(cfg.backoff_initial, cfg.backoff_max);
@@ -67,9 +91,172 @@ pub async fn run(client: Client, opts: RenderOptions, cfg: LoopConfig, metrics: 
         metrics.clone(),
         Shared::virtual_services,
     ));
-    let cluster = KubeCluster { client };
-    controller::run(shared, cluster, opts, cfg, metrics).await;
+    let cluster = KubeCluster {
+        client: client.clone(),
+        instance: instance_name(),
+    };
+    match election {
+        None => {
+            metrics.set_leader(true);
+            controller::run(shared, &cluster, opts, cfg, metrics).await;
+        }
+        Some(election) => {
+            let (leading, mut rx) = tokio::sync::watch::channel(false);
+            tasks.spawn(elect(
+                client,
+                shared.clone(),
+                election,
+                cluster.instance.clone(),
+                leading,
+                metrics.clone(),
+            ));
+            loop {
+                if rx.wait_for(|l| *l).await.is_err() {
+                    break;
+                }
+                metrics.set_leader(true);
+                tracing::info!(instance = %cluster.instance, "holding the leader lease: writing");
+                tokio::select! {
+                    () = controller::run(shared.clone(), &cluster, opts.clone(), cfg.clone(), metrics.clone()) => {}
+                    _ = rx.wait_for(|l| !*l) => {
+                        tracing::warn!("lost the leader lease: stopped writing");
+                    }
+                }
+                metrics.set_leader(false);
+            }
+        }
+    }
     tasks.shutdown().await;
+}
+
+/// The Lease as the election sees it.
+fn lease_record(lease: &coordv1::Lease) -> LeaseRecord {
+    let spec = lease.spec.as_ref();
+    LeaseRecord {
+        holder: spec.and_then(|s| s.holder_identity.clone()),
+        renew_time: spec
+            .and_then(|s| s.renew_time.as_ref())
+            .map(|t| t.0.to_string()),
+        lease_duration_seconds: spec.and_then(|s| s.lease_duration_seconds),
+        transitions: spec.and_then(|s| s.lease_transitions).unwrap_or_default(),
+    }
+}
+
+/// Reads the Lease every retry period, renewing or taking it when
+/// [`Observation::step`] says so; `leading` follows the outcome.
+async fn elect(
+    client: Client,
+    shared: Arc<Shared>,
+    election: Election,
+    me: String,
+    leading: tokio::sync::watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+) {
+    let api: Api<coordv1::Lease> = Api::namespaced(client, &election.namespace);
+    let cfg = election.config;
+    let mut observation = Observation::default();
+    let mut renewed: Option<tokio::time::Instant> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        let outcome = async {
+            let current = api.get_opt(&election.name).await?;
+            let step =
+                observation.step(&me, current.as_ref().map(lease_record).as_ref(), now, &cfg);
+            let micro = || MicroTime(Timestamp::now());
+            let seconds = i32::try_from(cfg.lease_duration.as_secs()).unwrap_or(i32::MAX);
+            match (step, current) {
+                (Step::Follow { .. }, _) => Ok(false),
+                (Step::Create, _) => {
+                    let lease = coordv1::Lease {
+                        metadata: ObjectMeta {
+                            name: Some(election.name.clone()),
+                            namespace: Some(election.namespace.clone()),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(coordv1::LeaseSpec {
+                            holder_identity: Some(me.clone()),
+                            lease_duration_seconds: Some(seconds),
+                            acquire_time: Some(micro()),
+                            renew_time: Some(micro()),
+                            lease_transitions: Some(0),
+                            ..coordv1::LeaseSpec::default()
+                        }),
+                    };
+                    api.create(&PostParams::default(), &lease)
+                        .await
+                        .map(|_| true)
+                }
+                (step, Some(mut lease)) => {
+                    // Replaced with the resourceVersion read: of two replicas
+                    // taking over at once, the API server lets one win.
+                    let spec = lease.spec.get_or_insert_with(Default::default);
+                    if let Step::TakeOver { transitions } = step {
+                        spec.holder_identity = Some(me.clone());
+                        spec.acquire_time = Some(micro());
+                        spec.lease_transitions = Some(transitions);
+                    }
+                    spec.lease_duration_seconds = Some(seconds);
+                    spec.renew_time = Some(micro());
+                    api.replace(&election.name, &PostParams::default(), &lease)
+                        .await
+                        .map(|_| true)
+                }
+                (_, None) => Ok(false),
+            }
+        }
+        .await;
+        let leader = match outcome {
+            Ok(true) => {
+                renewed = Some(now);
+                true
+            }
+            Ok(false) => {
+                renewed = None;
+                false
+            }
+            Err(e) => {
+                let e = api_error(e);
+                metrics.error(e.kind);
+                tracing::warn!(error = %e, "leader lease: read or write failed");
+                renewed.is_some_and(|r| !lost(r, tokio::time::Instant::now(), &cfg))
+            }
+        };
+        if !leader {
+            renewed = None;
+        }
+        if *leading.borrow() != leader {
+            tracing::info!(instance = %me, leader, "leader lease changed hands");
+        }
+        leading.send_replace(leader);
+        // A standby with a complete view is ready: a rollout (maxSurge 1,
+        // maxUnavailable 0) waits for the new pod to be ready before it
+        // stops the old leader.
+        metrics.set_standby_ready(shared.all_synced());
+        tokio::time::sleep(cfg.retry_period).await;
+    }
+}
+
+/// Gives the Lease up (on shutdown), so a standby takes over at its next
+/// read instead of after a lease duration.
+pub async fn release(client: Client, election: &Election) {
+    let api: Api<coordv1::Lease> = Api::namespaced(client, &election.namespace);
+    let me = instance_name();
+    let Ok(Some(mut lease)) = api.get_opt(&election.name).await else {
+        return;
+    };
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    if spec.holder_identity.as_deref() != Some(me.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    match api
+        .replace(&election.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => tracing::info!("leader lease released"),
+        Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
+    }
 }
 
 /// Feeds one kind's watch events (converted to the plain model) into the store.
@@ -182,6 +369,55 @@ fn is_not_found(e: &kube::Error) -> bool {
 /// Server-side apply and delete through the kube client.
 pub struct KubeCluster {
     client: Client,
+    /// This replica, as Events' `reportingInstance` and the Lease holder.
+    instance: String,
+}
+
+/// The pod name (`POD_NAME`, from the downward API) or the host name.
+pub fn instance_name() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| format!("{FIELD_MANAGER}-{}", std::process::id()))
+}
+
+/// The events.k8s.io/v1 Event for a warning, in the namespace of the object
+/// it is about (a Namespace's own Events live in it, where its tenants look).
+fn event(warning: &Warning, instance: &str) -> eventsv1::Event {
+    let r = &warning.regarding;
+    // The API server refuses a note over 1 kB.
+    let mut note = warning.message.clone();
+    if note.len() > 1000 {
+        let mut cut = 997;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    eventsv1::Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{FIELD_MANAGER}-")),
+            namespace: Some(r.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(Timestamp::now())),
+        action: Some("Render".into()),
+        reason: Some(warning.reason.as_str().into()),
+        note: Some(note),
+        type_: Some("Warning".into()),
+        reporting_controller: Some(REPORTING_CONTROLLER.into()),
+        reporting_instance: Some(instance.into()),
+        regarding: Some(corev1::ObjectReference {
+            api_version: Some(r.api_version.clone()),
+            kind: Some(r.kind.into()),
+            namespace: Some(r.namespace.clone()),
+            name: Some(r.name.clone()),
+            ..corev1::ObjectReference::default()
+        }),
+        ..eventsv1::Event::default()
+    }
 }
 
 impl KubeCluster {
@@ -231,6 +467,15 @@ impl Cluster for KubeCluster {
         }
         self.api(&obj.key)
             .patch(&obj.key.name, &params, &Patch::Apply(obj.body()))
+            .await
+            .map(|_| ())
+            .map_err(api_error)
+    }
+
+    async fn event(&self, warning: &Warning) -> Result<(), ApiError> {
+        let api: Api<eventsv1::Event> =
+            Api::namespaced(self.client.clone(), &warning.regarding.namespace);
+        api.create(&PostParams::default(), &event(warning, &self.instance))
             .await
             .map(|_| ())
             .map_err(api_error)
