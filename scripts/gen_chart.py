@@ -287,7 +287,9 @@ def service_monitor(objs: list[dict]) -> dict:
         "spec": {
             "selector": {"matchLabels": svc["spec"]["selector"]},
             "namespaceSelector": {"matchNames": [svc["metadata"]["namespace"]]},
-            "endpoints": [{"port": port["name"], "path": ann.get("prometheus.io/path", "/metrics"), "interval": "30s"}],
+            # honorLabels: envlane-sync's own `namespace` label (writes refused
+            # by namespace) names the namespace written to, not its own.
+            "endpoints": [{"port": port["name"], "path": ann.get("prometheus.io/path", "/metrics"), "interval": "30s", "honorLabels": True}],
         },
     }
 
@@ -321,7 +323,7 @@ def alert_rules() -> list[dict]:
         },
         {
             "alert": "EnvlaneWritesFailing",
-            "expr": 'sum(increase(envlane_sync_errors_total{kind=~"api|invalid_table"}[10m])) > 0',
+            "expr": 'sum(increase(envlane_sync_errors_total{kind=~"api|invalid_table"}[10m])) > 0 or max(envlane_sync_namespaces_backing_off) > 0',
             "for": "10m",
             "labels": {"severity": "warning"},
             "annotations": {
@@ -393,12 +395,20 @@ def panels() -> list[dict]:
          "targets": [("since sync", "min(envlane_sync_seconds_since_last_sync)"), ("since write", "min(envlane_sync_seconds_since_last_write)")]},
         {"title": "Writes per second", "unit": "ops", "group": "companion",
          "targets": [("{{op}}", f"sum by (op) (rate(envlane_sync_writes_total[{RATE}]))"), ("reconciles", f"sum(rate(envlane_sync_reconciles_total[{RATE}]))")]},
-        {"title": "Errors per second by kind", "unit": "ops", "group": "companion",
-         "targets": [("{{kind}}", f"sum by (kind) (rate(envlane_sync_errors_total[{RATE}]))")]},
+        {"title": "Errors per second by kind; namespaces backing off", "unit": "short", "group": "companion",
+         "targets": [("{{kind}}", f"sum by (kind) (rate(envlane_sync_errors_total[{RATE}]))"),
+                     ("namespaces backing off", "max(envlane_sync_namespaces_backing_off)")]},
+        {"title": "Writes refused per second, by namespace", "unit": "ops", "group": "companion", "quiet_when_healthy": True,
+         "targets": [("{{namespace}}", f"sum by (namespace) (rate(envlane_sync_namespace_write_failures_total[{RATE}]))")]},
         {"title": "Pairs left out", "unit": "short", "group": "companion",
          "targets": [("invalid env labels", "sum(envlane_sync_invalid_env_labels_total)"), ("skipped pairs", "sum(envlane_sync_skipped_pairs_total)"),
                      ("subset collisions", "sum(envlane_sync_subset_collisions)"), ("stale watches", "sum(envlane_sync_watches_stale)")]},
-        {"title": "Ready", "unit": "short", "group": "companion", "targets": [("ready", "min(envlane_sync_ready)")]},
+        {"title": "Warnings by reason (each also a Kubernetes Event)", "unit": "short", "group": "companion",
+         "targets": [("{{reason}}", "sum by (reason) (envlane_sync_warnings_total)")]},
+        {"title": "Ready replicas and leaders", "unit": "short", "group": "companion",
+         "targets": [("ready", "sum(envlane_sync_ready)"), ("leader", "sum(envlane_sync_leader)")]},
+        {"title": "Headers stripped at the edge (ingress gateway)", "unit": "reqps", "group": "filter", "quiet_when_healthy": True,
+         "targets": [("stripped", f"sum(rate(envlane_edge_stripped[{RATE}]))")]},
     ]
 
 
