@@ -60,6 +60,23 @@ pub enum Command {
     /// config without `envs`, `services` and `revision`). With no flags, the
     /// defaults; with --settings FILE, that file's settings, checked.
     Settings(SettingsArgs),
+    /// Print, as JSON, the ValidatingAdmissionPolicy (and its binding) that
+    /// lets envlane-sync's ServiceAccount write only its own objects: the
+    /// ownership label, envlane's names, opted-in namespaces.
+    AdmissionPolicy(AdmissionPolicyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdmissionPolicyArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// envlane-sync's ServiceAccount, `namespace/name`.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "envlane-system/envlane-sync"
+    )]
+    pub service_account: String,
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod plan;
+pub mod policy;
 pub mod render;
 pub mod routes;
 pub mod schema;

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use envlane_sync::cli::{
-    Cli, Command, CommonArgs, LogFormat, RenderArgs, RoutePatchesArgs, RunArgs, SettingsArgs,
-    ValidateArgs,
+    AdmissionPolicyArgs, Cli, Command, CommonArgs, LogFormat, RenderArgs, RoutePatchesArgs,
+    RunArgs, SettingsArgs, ValidateArgs,
 };
 use envlane_sync::controller::LoopConfig;
 use envlane_sync::metrics::Metrics;
@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Some(Command::RoutePatches(args)) => route_patches_cmd(&args),
         Some(Command::Schema) => print(schema::schema_json()),
         Some(Command::Settings(args)) => settings_cmd(&args),
+        Some(Command::AdmissionPolicy(args)) => admission_policy_cmd(&args),
         Some(Command::Run(args)) => run_cmd(args),
         None => run_cmd(cli.run),
     };
@@ -96,6 +97,23 @@ fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
     let out =
         serde_json::json!({"configPatches": patches, "warnings": warnings, "targets": targets});
     print(serde_json::to_string_pretty(&out).map_err(|e| e.to_string()))
+}
+
+fn admission_policy_cmd(args: &AdmissionPolicyArgs) -> Result<(), String> {
+    let opts = args.common.render_options()?;
+    let (ns, name) = args
+        .service_account
+        .split_once('/')
+        .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "--service-account {}: want namespace/name",
+                args.service_account
+            )
+        })?;
+    let user = format!("system:serviceaccount:{ns}:{name}");
+    let docs = envlane_sync::policy::admission_policy(&opts, &user);
+    print(serde_json::to_string_pretty(&docs).map_err(|e| e.to_string()))
 }
 
 fn settings_cmd(args: &SettingsArgs) -> Result<(), String> {

@@ -818,8 +818,11 @@ fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions)
 }
 
 /// `envlane-<service>`, in the Service's namespace.
+/// DestinationRules are named `envlane-<service>`.
+pub const DESTINATION_RULE_PREFIX: &str = "envlane-";
+
 fn destination_rule_name(svc: &Service) -> String {
-    format!("envlane-{}", svc.name)
+    format!("{DESTINATION_RULE_PREFIX}{}", svc.name)
 }
 
 fn per_env_service(

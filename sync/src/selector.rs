@@ -51,6 +51,38 @@ impl LabelSelector {
     }
 }
 
+impl LabelSelector {
+    /// The selector as a CEL expression over `labels` (a map that may be
+    /// absent: `has_labels` says whether it is there).
+    pub fn to_cel(&self, has_labels: &str, labels: &str) -> String {
+        // Keys and values are checked to hold no quote or backslash.
+        let quote = |s: &str| format!("'{s}'");
+        let parts: Vec<String> = self
+            .requirements
+            .iter()
+            .map(|r| match r {
+                Requirement::Equals(k, v) => format!(
+                    "({has_labels} && {k} in {labels} && {labels}[{k}] == {v})",
+                    k = quote(k),
+                    v = quote(v)
+                ),
+                Requirement::NotEquals(k, v) => format!(
+                    "!({has_labels} && {k} in {labels} && {labels}[{k}] == {v})",
+                    k = quote(k),
+                    v = quote(v)
+                ),
+                Requirement::Exists(k) => format!("({has_labels} && {} in {labels})", quote(k)),
+                Requirement::NotExists(k) => format!("!({has_labels} && {} in {labels})", quote(k)),
+            })
+            .collect();
+        if parts.is_empty() {
+            "true".into()
+        } else {
+            parts.join(" && ")
+        }
+    }
+}
+
 impl fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
