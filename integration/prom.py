@@ -42,7 +42,8 @@ def binary(name: str) -> str:
 class Prometheus:
     """targets: job -> [(host:port, metrics path, extra labels)]."""
 
-    def __init__(self, workdir: Path, targets: dict[str, list[tuple[str, str, dict]]], rule_files: list[Path] | None = None):
+    def __init__(self, workdir: Path, targets: dict[str, list[tuple[str, str, dict]]], rule_files: list[Path] | None = None,
+                 honor_labels: set[str] = frozenset()):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -53,7 +54,9 @@ class Prometheus:
                 by_path.setdefault(path, []).append({"targets": [addr], "labels": labels})
             for i, (path, statics) in enumerate(sorted(by_path.items())):
                 scrape.append({"job_name": job if i == 0 else f"{job}-{i}", "metrics_path": path,
-                               "scrape_interval": "1s", "scrape_timeout": "900ms", "static_configs": statics})
+                               "scrape_interval": "1s", "scrape_timeout": "900ms", "static_configs": statics,
+                               # As the ServiceMonitor's honorLabels: the target's own labels win.
+                               "honor_labels": job in honor_labels})
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": scrape}
         if rule_files:
             config["rule_files"] = [str(p) for p in rule_files]
@@ -155,7 +158,7 @@ def draw_dashboard(dashboard: dict, prom: Prometheus, start: float, end: float, 
     for ax in [a for row in axes for a in row][len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)

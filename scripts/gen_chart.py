@@ -388,7 +388,7 @@ def panels() -> list[dict]:
         {"title": "Refused env values and failed route changes per second", "unit": "reqps", "group": "filter",
          "targets": [("invalid env", f"sum(rate(envlane_env_invalid[{RATE}]))"), ("route failed", f"sum(rate(envlane_route_failed[{RATE}]))")]},
         {"title": "Tables refused by sidecars", "unit": "short", "group": "filter",
-         "targets": [("invalid table", "sum by (namespace, pod) (envlane_config_invalid)"), ("unknown fields", "sum(envlane_config_unknown_fields)")]},
+         "targets": [("invalid table {{namespace}}/{{pod}}", "sum by (namespace, pod) (envlane_config_invalid)"), ("unknown fields", "sum(envlane_config_unknown_fields)")]},
         {"title": "Table size (envlane-sync)", "unit": "short", "group": "companion",
          "targets": [("pairs", "sum(envlane_sync_table_pairs)"), ("services", "sum(envlane_sync_table_services)"), ("envs", "sum(envlane_sync_table_envs)")]},
         {"title": "Seconds since the last sync / write", "unit": "s", "group": "companion",

@@ -1,0 +1,199 @@
+"""The Helm chart on the real control plane, and the monitoring on a real
+Prometheus scraping a real envlane-sync and istiod-configured sidecars.
+
+* `helm template charts/envlane | kubectl apply` over what
+  `kubectl apply -k wasm-plugin-manifests/base` made: the API server sees no
+  difference (`kubectl diff` is empty, every object `unchanged`, no
+  resourceVersion moves), and a changed value is a difference (not vacuous);
+  the host-mode render passes the API server's strict validation;
+* a setting changed the Helm way (`--set defaultEnv=dev`) rolls the
+  Deployment onto a new settings ConfigMap; envlane-sync run from that
+  Deployment (its arguments, settings and ServiceAccount token) routes
+  alibaba's cases through real sidecars;
+* Prometheus scrapes that envlane-sync and every sidecar: every dashboard
+  panel that shows data in a healthy mesh has data, the table-size gauges
+  equal envlane-sync's own /metrics, and a Pod with an invalid env label
+  makes the EnvlanePairsRefused expression return (it returned nothing
+  before). With ENVLANE_DASHBOARD_PNG=path the panels are drawn from the
+  query results (the recorded picture in docs/monitoring/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane import REPO
+from harness import wait_for
+from install import BASE, SYSTEM_NS, EnvlaneSync
+from topologies import ALIBABA, ALIBABA_CASES
+
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "integration"))
+import gen_chart  # noqa: E402
+import prom  # noqa: E402
+
+CHART = REPO / "charts" / "envlane"
+NS = "helm-alibaba"
+
+
+def helm_bin() -> str:
+    out = subprocess.run([str(REPO / "scripts" / "tools.sh"), "helm"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"helm is not built (run scripts/tools.sh helm outside the e2e network namespace):\n{out.stderr}"
+    return out.stdout.strip()
+
+
+def helm_template(workdir: Path, name: str, *values: str) -> Path:
+    argv = [helm_bin(), "template", "envlane", str(CHART), "-n", SYSTEM_NS, "--set", "namespace.create=true"]
+    for v in values:
+        argv += ["--set", v]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path = workdir / f"{name}.yaml"
+    path.write_text(out.stdout)
+    return path
+
+
+def versions(cp, manifest: Path) -> dict[tuple[str, str], str]:
+    items = json.loads(cp.kubectl("get", "-f", str(manifest), "-o", "json").stdout)["items"]
+    return {(i["kind"], i["metadata"]["name"]): i["metadata"]["resourceVersion"] for i in items}
+
+
+@pytest.fixture(scope="module")
+def applied(cp, workdir):
+    d = workdir / "helm"
+    d.mkdir(exist_ok=True)
+    cp.kubectl("apply", "-k", str(BASE))
+    # What applying the base once more says: kubectl reports some objects
+    # (the PDB, a ValidatingAdmissionPolicy) as `configured` even then (a
+    # no-op patch; their resourceVersion stays).
+    again = cp.kubectl("apply", "-k", str(BASE))
+    default = helm_template(d, "default")
+    before = versions(cp, default)
+    diff = cp.kubectl("diff", "-f", str(default), check=False)
+    out = cp.kubectl("apply", "-f", str(default))
+    return d, default, before, diff, out, again
+
+
+def test_chart_applies_as_no_change_over_the_kustomize_base(cp, applied):
+    _, default, before, diff, out, again = applied
+    assert diff.returncode == 0 and diff.stdout == "", f"kubectl diff found differences:\n{diff.stdout}{diff.stderr}"
+    lines = sorted(out.stdout.strip().splitlines())
+    assert len(lines) == len(before) >= 8, out.stdout
+    assert lines == sorted(again.stdout.strip().splitlines()), "the chart applies as the base re-applied"
+    assert versions(cp, default) == before, "no object changed"
+
+
+def test_a_changed_value_is_a_difference(cp, applied):
+    d = applied[0]
+    changed = helm_template(d, "debug", "logLevel=debug")
+    diff = cp.kubectl("diff", "-f", str(changed), check=False)
+    assert diff.returncode == 1 and "--log-level=debug" in diff.stdout, diff.stdout + diff.stderr
+
+
+def test_host_mode_render_passes_strict_server_validation(cp, applied):
+    host = helm_template(applied[0], "host", "mode=host")
+    out = cp.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(host))
+    assert "envlane-sync-host-mode" in out.stdout
+
+
+# ---------------------------------------------------------------- running it
+
+
+@pytest.fixture(scope="module")
+def running(cp, cluster, applied, deploy, workdir):
+    d = applied[0]
+    cp.kubectl("apply", "-f", str(helm_template(d, "dev-default", "defaultEnv=dev")))
+    sync = EnvlaneSync(cp, workdir / "sync-helm")
+    (workdir / "sync-helm").mkdir(exist_ok=True)
+    sync.start()
+    mesh = None
+    p = None
+    try:
+        mesh = deploy(NS, ALIBABA)
+        mesh.wait_table()
+        targets = {
+            "envlane-sync": [(f"127.0.0.1:{sync.port}", "/metrics", {"namespace": SYSTEM_NS, "pod": "envlane-sync-0"})],
+            "envoy-stats": [(f"127.0.0.1:{sc.envoy.admin_port}", "/stats/prometheus", {"namespace": NS, "pod": pod})
+                            for pod, sc in mesh.sidecars.items()],
+        }
+        p = prom.Prometheus(workdir / "prometheus", targets, honor_labels={"envlane-sync"})
+        p.wait_up(1 + len(mesh.sidecars))
+        yield sync, mesh, p
+    finally:
+        if p:
+            p.close()
+        # Opt out: envlane-sync removes what it wrote for this namespace.
+        cluster.namespace(NS, {"istio-injection": "enabled"})
+        try:
+            sync.wait(lambda: cluster.get("extensions.istio.io/v1alpha1", "WasmPlugin", NS, "envlane") is None,
+                      "envlane-sync removed the opted-out namespace's WasmPlugin", 30)
+        finally:
+            sync.stop()
+
+
+def test_settings_changed_with_helm_roll_the_deployment(cp, running):
+    sync, _, _ = running
+    dep = sync.deployment()
+    cm = dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
+    data = json.loads(cp.api("GET", f"/api/v1/namespaces/{SYSTEM_NS}/configmaps/{cm}")["data"]["settings.json"])
+    assert data["defaultEnv"] == "dev"
+    base_cm = [d for d in yaml.safe_load_all(cp.kubectl("kustomize", str(BASE)).stdout) if d and d["kind"] == "ConfigMap"][0]
+    assert cm != base_cm["metadata"]["name"], "another setting, another ConfigMap: the Deployment rolls"
+
+
+@pytest.mark.parametrize("env", list(ALIBABA_CASES), ids=lambda e: e or "no-header")
+def test_helm_installed_envlane_routes(running, env):
+    _, mesh, _ = running
+    headers = {"x-virtual-env": env} if env else {}
+    assert mesh.call("node", headers) == (200, ALIBABA_CASES[env])
+
+
+def test_dashboard_and_alerts_on_the_running_mesh(cluster, running):
+    sync, mesh, p = running
+    start = time.time() - 5
+
+    def traffic(seconds: int) -> None:
+        for i in range(seconds):
+            for env in ALIBABA_CASES:
+                mesh.call("node", {"x-virtual-env": env} if env else {})
+            if i % 2:
+                mesh.call("node", {"x-virtual-env": "dev..bad"})
+            time.sleep(1)
+
+    traffic(15)
+    # The table-size gauges are what envlane-sync says.
+    for name in ("envlane_sync_table_pairs", "envlane_sync_table_services", "envlane_sync_table_envs"):
+        own = sync.metric(name)
+        assert own and own > 0, name
+        p.wait_value(f"sum({name})", lambda v, own=own: v == own, f"{name} scraped")
+    # Pairs refused: before, nothing; after a Pod with an invalid env label, the alert's expression.
+    rule = next(r for r in gen_chart.alert_rules() if r["alert"] == "EnvlanePairsRefused")
+    expr = rule["expr"].replace("[15m]", "[2m]")
+    assert p.query(expr) == [], "nothing refused yet"
+    cluster.pod(NS, "node-bad-label", {"app": "node", "virtual-env": "dev..bad"}, port=9080)
+    sync.wait(lambda: (sync.metric("envlane_sync_invalid_env_labels_total") or 0) > 0, "envlane-sync counted the invalid env label")
+    wait_for(lambda: p.query(expr), "EnvlanePairsRefused's expression returns", 30)
+    traffic(10)
+    end = time.time()
+    quiet = {x["title"] for x in gen_chart.panels() if x.get("quiet_when_healthy")}
+    dashboard = json.loads((REPO / "monitoring" / "envlane-dashboard.json").read_text())
+    empty = []
+    for panel in dashboard["panels"]:
+        for t in panel["targets"]:
+            if not p.query_range(t["expr"], start, end) and panel["title"] not in quiet:
+                empty.append(f"{panel['title']}: {t['expr']}")
+    assert empty == [], "panels without data:\n" + "\n".join(empty)
+    png = os.environ.get("ENVLANE_DASHBOARD_PNG")
+    if png:
+        counts = prom.draw_dashboard(dashboard, p, start, end, Path(png),
+                                     "envlane dashboard, drawn from Prometheus query results (e2e: real kube-apiserver + istiod, "
+                                     "envlane-sync installed with the Helm chart, alibaba's topology)")
+        print(f"dashboard picture: {png} {counts}")
