@@ -1,0 +1,66 @@
+"""integration/demo.py (./build.sh demo): `--help` prints help and starts
+nothing, the demo routes every case, `--serve` keeps a mesh up that answers
+the curl commands it prints and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "integration" / "demo.py"
+
+
+def test_help_prints_help_and_runs_nothing():
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(DEMO), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 10
+    assert "--serve" in out.stdout and "How to read the output" in out.stdout and "first `./build.sh demo`" in out.stdout
+    assert "starting 7 app pods" not in out.stdout and "mesh up in" not in out.stdout, "--help must not start the demo"
+    bad = subprocess.run([sys.executable, str(DEMO), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def test_demo_routes_every_case():
+    out = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=180, env=os.environ)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "6/6 requests routed as expected" in out.stdout
+    assert "BAD" not in out.stdout
+    assert re.search(r"starting 7 app pods and 5 Envoy sidecars", out.stdout)
+
+
+def test_serve_keeps_the_mesh_up_until_ctrl_c():
+    p = subprocess.Popen([sys.executable, str(DEMO), "--serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=os.environ)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        text = "".join(lines)
+        assert "Ctrl-C to stop" in text, text
+        curl = next(line.strip() for line in lines if "x-virtual-env: dev.proj1.user9" in line and line.strip().startswith("curl"))
+        body = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+        assert body.startswith("[springboot @ dev.proj1]"), body
+        prom_url = re.search(r"client\s+(http://\S+/stats/prometheus)", text).group(1)
+        metrics = subprocess.run(["curl", "-s", prom_url], capture_output=True, text=True, timeout=20).stdout
+        assert re.search(r"^envlane_decision_fallback\{\} [1-9]", metrics, re.M), metrics[-2000:]
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=60)[0]
+        assert p.returncode == 0, rest
+        assert "requests routed as expected" in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
