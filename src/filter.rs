@@ -1,23 +1,32 @@
-//! The proxy-wasm glue: the only module that talks to the host. It implements
-//! [`Host`] on the raw proxy-wasm ABI and hands each callback to
-//! [`crate::glue`].
+//! The proxy-wasm glue: the only module that talks to the host. It exports
+//! the proxy-wasm ABI (0.2.1) itself, implements [`Host`] on the raw host
+//! calls and hands each callback to [`crate::glue`].
 //!
-//! The SDK (`proxy_wasm`) is used for its context dispatch only. Its host
-//! call wrappers panic on any status they do not expect (`set_property`
-//! outside a stream, a header the host refuses, ...) and its map getters
-//! panic on header bytes that are not UTF-8; a panic aborts the VM and fails
-//! every request of the sidecar. So every host call here is made directly,
-//! and a status other than `OK` is only a `false`/`None`.
+//! Why not the Rust SDK: Envoy enters the VM once per exported callback per
+//! stream (~2k instructions each), and the SDK exports all of them
+//! (`proxy_on_context_create`, `proxy_on_response_body` per chunk,
+//! `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`, ...), boxes a context
+//! per stream and keeps it in a map. envlane needs two callbacks per stream:
+//! `proxy_on_request_headers` (the decision) and `proxy_on_response_headers`
+//! (the debug header). Per stream nothing is allocated and nothing is kept,
+//! unless the debug header is asked for.
+//!
+//! Every host call is made directly, and a status other than `OK` is only a
+//! `false`/`None` (the SDK's wrappers panic on statuses they do not expect and
+//! on header bytes that are not UTF-8; a panic aborts the VM).
+//!
+//! Plugins: one VM may serve several plugins (root contexts). Each plugin
+//! name has one [`Root`]; a new config of the same plugin (a new root context
+//! in Envoy) updates that `Root`, so the table it replaces is freed at once
+//! (this module exports no `proxy_on_delete`, so it never hears of a root's
+//! end). A stream is matched to its plugin without `proxy_on_context_create`:
+//! with one plugin in the VM (the usual case) it is that one, else the host's
+//! `plugin_name` property says.
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use std::cell::RefCell;
+use std::collections::VecDeque;
 
-use crate::glue::{Host, Root, Stream};
-
-proxy_wasm::main! {{
-    install_logger();
-    proxy_wasm::set_root_context(|_| Box::<EnvlaneRoot>::default());
-}}
+use crate::glue::{Host, Root};
 
 const OK: u32 = 0;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
@@ -254,38 +263,152 @@ fn install_logger() {
     }
 }
 
+/// Debug explanations waiting for their response (at most this many: a
+/// stream that never sees its response headers must not keep one forever).
+const MAX_PENDING_EXPLANATIONS: usize = 256;
+
+/// One plugin (root context name) of this VM.
+struct Plugin {
+    name: Vec<u8>,
+    root: Root,
+}
+
+/// The VM's state. Wasm runs one callback at a time; the `RefCell` is never
+/// borrowed across a callback into this module (the host calls only
+/// `proxy_on_memory_allocate` from inside a host call, which does not touch
+/// it).
 #[derive(Default)]
-struct EnvlaneRoot(Root);
+struct Vm {
+    plugins: Vec<Plugin>,
+    /// Debug explanations by stream context id, oldest first.
+    explanations: VecDeque<(u32, String)>,
+}
 
-impl Context for EnvlaneRoot {}
-
-impl RootContext for EnvlaneRoot {
-    fn on_configure(&mut self, size: usize) -> bool {
-        self.0.configure(&Wasm, size).accepted()
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // Always a context, even in pass-through: the SDK panics on None.
-        Some(Box::new(EnvlaneHttp(self.0.stream())))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+impl Vm {
+    fn plugin_of_stream(&self) -> Option<&Plugin> {
+        match self.plugins.as_slice() {
+            [] => None,
+            [only] => Some(only),
+            several => {
+                let name = Wasm.property(&["plugin_name"])?;
+                several.iter().find(|p| p.name == name)
+            }
+        }
     }
 }
 
-struct EnvlaneHttp(Stream);
+thread_local! {
+    static VM: RefCell<Vm> = RefCell::new(Vm::default());
+}
 
-impl Context for EnvlaneHttp {}
+/// proxy-wasm ABI actions.
+const ACTION_CONTINUE: u32 = 0;
 
-impl HttpContext for EnvlaneHttp {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.0.on_request_headers(&Wasm);
-        Action::Continue
+#[cfg(target_os = "wasi")]
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// The VM's start (WASI reactor): static constructors, then the logger.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: called once by the host before any other export, as WASI
+    // reactors require.
+    #[cfg(target_os = "wasi")]
+    unsafe {
+        __wasm_call_ctors();
     }
+    install_logger();
+}
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.0.on_response_headers(&Wasm);
-        Action::Continue
+/// Tells the host which ABI this module speaks.
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// The host allocates the bytes it returns (headers, properties, config)
+/// here; [`owned`] takes them back as a `Vec` of exactly `size` bytes.
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    let ptr = buf.as_mut_ptr();
+    std::mem::forget(buf);
+    ptr
+}
+
+/// A (new) config for the plugin of root context `_root_id`.
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(_root_id: u32, size: usize) -> bool {
+    let name = Wasm.property(&["plugin_name"]).unwrap_or_default();
+    VM.with(|vm| {
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return false;
+        };
+        let at = match vm.plugins.iter().position(|p| p.name == name) {
+            Some(at) => at,
+            None => {
+                vm.plugins.push(Plugin {
+                    name,
+                    root: Root::default(),
+                });
+                vm.plugins.len() - 1
+            }
+        };
+        vm.plugins
+            .get_mut(at)
+            .is_some_and(|p| p.root.configure(&Wasm, size).accepted())
+    })
+}
+
+/// The request headers of stream `context_id`: the routing decision.
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(
+    context_id: u32,
+    _headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    if cfg!(feature = "bench-noop") {
+        // The benchmarks' empty filter: what any Wasm filter with these
+        // exports costs, none of envlane's work.
+        return ACTION_CONTINUE;
     }
+    VM.with(|vm| {
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return;
+        };
+        let Some(plugin) = vm.plugin_of_stream() else {
+            return;
+        };
+        let mut stream = plugin.root.stream();
+        stream.on_request_headers(&Wasm);
+        if let Some(text) = stream.take_explanation() {
+            if vm.explanations.len() >= MAX_PENDING_EXPLANATIONS {
+                vm.explanations.pop_front();
+            }
+            vm.explanations.push_back((context_id, text));
+        }
+    });
+    ACTION_CONTINUE
+}
+
+/// The response headers of stream `context_id`: the debug header, if asked.
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(
+    context_id: u32,
+    _headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    VM.with(|vm| {
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return;
+        };
+        if vm.explanations.is_empty() {
+            return;
+        }
+        if let Some(at) = vm.explanations.iter().position(|(id, _)| *id == context_id) {
+            if let Some((_, text)) = vm.explanations.remove(at) {
+                crate::glue::Stream::explain(&Wasm, &text);
+            }
+        }
+    });
+    ACTION_CONTINUE
 }

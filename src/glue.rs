@@ -272,7 +272,18 @@ impl Stream {
 
     pub fn on_response_headers(&mut self, host: &impl Host) {
         if let Some(text) = self.explanation.take() {
-            let _ = host.set_response_header(DECISION_HEADER, text.as_bytes());
+            Self::explain(host, &text);
         }
+    }
+
+    /// The debug explanation `on_request_headers` made, if any, for a caller
+    /// that keeps it until the response instead of keeping the stream.
+    pub fn take_explanation(&mut self) -> Option<String> {
+        self.explanation.take()
+    }
+
+    /// Adds the debug response header.
+    pub fn explain(host: &impl Host, text: &str) {
+        let _ = host.set_response_header(DECISION_HEADER, text.as_bytes());
     }
 }
