@@ -3,6 +3,7 @@
 
     python3 scripts/oci.py filter [--wasm dist/envlane.wasm] [--variant compat|artifact]
     python3 scripts/oci.py sync   [--binary target/x86_64-unknown-linux-musl/release/envlane-sync]
+    python3 scripts/oci.py sync   --binary amd64=PATH --binary arm64=PATH   # multi-arch (an image index)
     python3 scripts/oci.py digest --wasm dist/envlane.wasm   # print the filter manifest digest only
 
 Each image is written as an OCI image layout directory (``oci-layout``,
@@ -282,15 +283,27 @@ def filter_image(module: bytes, variant: str = "compat", registry: str | None = 
     return Image(name, f"{registry}/envlane-filter:{tag}", tag, config, layers, annotations)
 
 
+# ELF e_machine -> OCI/Go architecture name.
+ELF_ARCH = {62: "amd64", 183: "arm64"}
+
+
+def elf_arch(binary: bytes) -> str | None:
+    """The OCI architecture of a 64-bit little-endian ELF (None if unknown)."""
+    if binary[:4] != b"\x7fELF" or binary[4] != 2 or binary[5] != 1:
+        return None
+    (machine,) = struct.unpack_from("<H", binary, 18)
+    return ELF_ARCH.get(machine)
+
+
 def elf_is_static(binary: bytes) -> tuple[bool, str]:
-    """True when an x86-64 ELF executable has no program interpreter (PT_INTERP)."""
+    """True when an x86-64 or aarch64 ELF executable has no program interpreter (PT_INTERP)."""
     if binary[:4] != b"\x7fELF":
         return False, "not an ELF file"
     if binary[4] != 2 or binary[5] != 1:
         return False, "not a 64-bit little-endian ELF"
     (machine,) = struct.unpack_from("<H", binary, 18)
-    if machine != 62:
-        return False, f"ELF machine {machine} is not x86-64"
+    if machine not in ELF_ARCH:
+        return False, f"ELF machine {machine} is neither x86-64 nor aarch64"
     phoff, = struct.unpack_from("<Q", binary, 32)
     phentsize, phnum = struct.unpack_from("<HH", binary, 54)
     for i in range(phnum):
@@ -306,6 +319,7 @@ def sync_image(binary: bytes, registry: str | None = None, version: str | None =
         raise SystemExit(f"envlane-sync binary is not usable in a scratch image: {why}")
     registry = registry or default_registry()
     version = version or cargo_version()
+    arch = elf_arch(binary)
     uid = NONROOT_UID
     passwd = f"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:{uid}:{uid}:nonroot:/home/nonroot:/sbin/nologin\n"
     group = f"root:x:0:\nnonroot:x:{uid}:\n"
@@ -328,7 +342,7 @@ def sync_image(binary: bytes, registry: str | None = None, version: str | None =
         OCI_CONFIG,
         canonical_json(
             {
-                "architecture": "amd64",
+                "architecture": arch,
                 "os": "linux",
                 "config": {
                     "User": f"{uid}:{uid}",
@@ -345,6 +359,80 @@ def sync_image(binary: bytes, registry: str | None = None, version: str | None =
     return Image("envlane-sync", f"{registry}/envlane-sync:{version}", version, config, [layer], labels)
 
 
+@dataclass
+class MultiArch:
+    """Several single-platform images of one name under one OCI image index:
+    what a registry serves for `name:tag`, each node pulling its platform's
+    manifest. The layout's index.json names the image index (its digest is
+    what the manifests pin)."""
+
+    name: str
+    ref: str
+    tag: str
+    images: list[Image]
+
+    def platform(self, image: Image) -> dict:
+        config = json.loads(image.config.data)
+        return {"architecture": config["architecture"], "os": config["os"]}
+
+    @property
+    def index_blob(self) -> Blob:
+        manifests = []
+        for image in sorted(self.images, key=lambda i: self.platform(i)["architecture"]):
+            desc = image.manifest.descriptor()
+            desc["platform"] = self.platform(image)
+            manifests.append(desc)
+        return Blob(OCI_INDEX, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+
+    @property
+    def digest(self) -> str:
+        return self.index_blob.digest
+
+    def files(self) -> dict[str, tuple[bytes, int]]:
+        top = self.index_blob.descriptor()
+        top["annotations"] = {"org.opencontainers.image.ref.name": self.tag}
+        files: dict[str, tuple[bytes, int]] = {
+            "oci-layout": (canonical_json({"imageLayoutVersion": "1.0.0"}), 0o644),
+            "index.json": (canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [top]}), 0o644),
+            # docker-save style: one tag per platform (`docker load` has no multi-platform form).
+            "manifest.json": (canonical_json([
+                {"Config": "blobs/sha256/" + i.config.digest.split(":", 1)[1],
+                 "RepoTags": [f"{self.ref}-{self.platform(i)['architecture']}"],
+                 "Layers": ["blobs/sha256/" + b.digest.split(":", 1)[1] for b in i.layers]}
+                for i in self.images
+            ]), 0o644),
+        }
+        for blob in [self.index_blob, *(b for i in self.images for b in i.blobs())]:
+            files["blobs/sha256/" + blob.digest.split(":", 1)[1]] = (blob.data, 0o644)
+        return files
+
+    # The same writer as a single image's.
+    write = Image.write
+
+    def summary(self, layout_dir: Path, tarball: Path) -> str:
+        lines = [f"{self.name}: {self.ref}@{self.digest} (image index)"]
+        for image in self.images:
+            p = self.platform(image)
+            lines.append(f"  {p['os']}/{p['architecture']:<6} manifest {image.digest} "
+                         f"({sum(len(b.data) for b in image.blobs())} bytes)")
+        lines.append(f"  layout   {rel(layout_dir)}")
+        lines.append(f"  tarball  {rel(tarball)} ({tarball.stat().st_size} bytes)")
+        return "\n".join(lines)
+
+
+def sync_multiarch(binaries: dict[str, bytes], registry: str | None = None, version: str | None = None) -> MultiArch:
+    """envlane-sync for several platforms: arch -> static binary of that arch."""
+    images = []
+    for arch, binary in sorted(binaries.items()):
+        image = sync_image(binary, registry, version)
+        got = json.loads(image.config.data)["architecture"]
+        if got != arch:
+            raise SystemExit(f"the {arch} binary is an {got} ELF")
+        images.append(image)
+    first = images[0]
+    return MultiArch(first.name, first.ref, first.tag, images)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -353,7 +441,9 @@ def main(argv: list[str]) -> int:
         p.add_argument("--wasm", type=Path, default=ROOT / "dist" / "envlane.wasm")
         p.add_argument("--variant", choices=["compat", "artifact"], default="compat")
     s = sub.add_parser("sync")
-    s.add_argument("--binary", type=Path, default=ROOT / "target" / "x86_64-unknown-linux-musl" / "release" / "envlane-sync")
+    s.add_argument("--binary", action="append", default=None,
+                   help="PATH (one platform, from its ELF header), or ARCH=PATH once per platform (amd64, arm64): "
+                        "a multi-arch image index (default: target/x86_64-unknown-linux-musl/release/envlane-sync)")
     for p in (sub.choices["filter"], s):
         p.add_argument("--out", type=Path, help="layout directory (default dist/oci/<name>)")
         p.add_argument("--tar", type=Path, help="tarball (default dist/<name>.oci.tar)")
@@ -368,10 +458,22 @@ def main(argv: list[str]) -> int:
     if args.cmd == "filter":
         image = filter_image(args.wasm.read_bytes(), args.variant, args.registry, args.version)
     else:
-        if not args.binary.is_file():
-            print(f"no envlane-sync binary at {args.binary}", file=sys.stderr)
-            return 1
-        image = sync_image(args.binary.read_bytes(), args.registry, args.version)
+        specs = args.binary or [str(ROOT / "target" / "x86_64-unknown-linux-musl" / "release" / "envlane-sync")]
+        paths: dict[str, Path] = {}
+        for spec in specs:
+            arch, sep, path = spec.partition("=")
+            paths[arch if sep else ""] = Path(path if sep else spec)
+        for path in paths.values():
+            if not path.is_file():
+                print(f"no envlane-sync binary at {path}", file=sys.stderr)
+                return 1
+        if list(paths) == [""]:
+            image = sync_image(paths[""].read_bytes(), args.registry, args.version)
+        else:
+            if "" in paths or set(paths) - set(ELF_ARCH.values()):
+                print(f"--binary ARCH=PATH with ARCH one of {sorted(ELF_ARCH.values())}", file=sys.stderr)
+                return 2
+            image = sync_multiarch({a: p.read_bytes() for a, p in paths.items()}, args.registry, args.version)
     layout = args.out or ROOT / "dist" / "oci" / image.name
     tarball = args.tar or ROOT / "dist" / f"{image.name}.oci.tar"
     image.write(layout, tarball)
