@@ -119,8 +119,10 @@ class EnvlaneSync:
 
     def start(self) -> "EnvlaneSync":
         argv = self.argv()
+        # As the Deployment's downward API sets them: the pod name is the
+        # Lease holder identity and the Events' reportingInstance.
         env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(self.kubeconfig()),
-               "HOME": str(self.dir)}
+               "HOME": str(self.dir), "POD_NAME": self.dir.name, "POD_NAMESPACE": SYSTEM_NS}
         (self.dir / "envlane-sync.cmd").write_text(" ".join(argv) + "\n")
         self.process = Process("envlane-sync", argv, self.dir, env)
         self.proc = self.process.proc

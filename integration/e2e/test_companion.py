@@ -397,10 +397,16 @@ def _obj(api: str, kind: str, ns: str | None, name: str, **rest) -> dict:
     return {"apiVersion": api, "kind": kind, "metadata": meta, **rest}
 
 
+def _owned(obj: dict) -> dict:
+    """The same object with envlane-sync's ownership label."""
+    meta = obj["metadata"] | {"labels": {MANAGED_BY[0]: MANAGED_BY[1]}}
+    return obj | {"metadata": meta}
+
+
 WASM = _obj(WASM_API, "WasmPlugin", NS_A, "rbac-probe",
             spec={"url": "file:///dev/null", "match": [{"mode": "CLIENT"}]})
-DR = _obj(DR_API, "DestinationRule", NS_A, "rbac-probe", spec={"host": "cart"})
-EF = _obj(EF_API, "EnvoyFilter", ROOT_NS, "rbac-probe", spec={"configPatches": []})
+DR = _owned(_obj(DR_API, "DestinationRule", NS_A, "envlane-rbac-probe", spec={"host": "cart"}))
+EF = _owned(_obj(EF_API, "EnvoyFilter", ROOT_NS, "envlane-routes.rbac.probe", spec={"configPatches": []}))
 SVC = _obj("v1", "Service", NS_A, "rbac-probe", spec={"selector": {"app": "x"}, "ports": [{"port": 80}]})
 POD = _obj("v1", "Pod", NS_A, "rbac-probe", spec={"containers": [{"name": "c", "image": "x"}]})
 VS = _obj("networking.istio.io/v1", "VirtualService", NS_A, "rbac-probe",
@@ -421,13 +427,13 @@ RBAC_CASES = [
     ("list namespaces", "GET", "/api/v1/namespaces", None, None, 200),
     ("get a service", "GET", f"/api/v1/namespaces/{NS_A}/services/cart", None, None, 200),
     ("list virtualservices", "GET", "/apis/networking.istio.io/v1/virtualservices", None, None, 200),
-    ("create a WasmPlugin", "POST", WASMS + DRY, WASM, None, 201),
     ("apply its WasmPlugin", "PATCH", f"{WASMS}/envlane{DRY}&fieldManager=rbac-probe",
-     _obj(WASM_API, "WasmPlugin", NS_A, "envlane"), APPLY, 200),
+     _owned(_obj(WASM_API, "WasmPlugin", NS_A, "envlane")), APPLY, 200),
     ("delete its WasmPlugin", "DELETE", f"{WASMS}/envlane{DRY}", None, None, 200),
     ("create a DestinationRule", "POST", DRS + DRY, DR, None, 201),
     ("create a route EnvoyFilter", "POST", EFS + DRY, EF, None, 201),
     # what the install says it must not do
+    ("create a WasmPlugin of another name", "POST", WASMS + DRY, _owned(WASM), None, 403),
     ("list secrets", "GET", f"/api/v1/namespaces/{SYSTEM_NS}/secrets", None, None, 403),
     ("get a secret", "GET", f"/api/v1/namespaces/{NS_A}/secrets/anything", None, None, 403),
     ("create a secret", "POST", f"/api/v1/namespaces/{SYSTEM_NS}/secrets{DRY}", SECRET, None, 403),
@@ -453,13 +459,45 @@ RBAC_CASES = [
      {"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}, MERGE, 403),
 ]
 
+# What RBAC allows but the shipped ValidatingAdmissionPolicy refuses (issue 11:
+# ownership rested on RBAC alone, which covers every object of a resource).
+# (what, method, path, body, content type, part of the refusal)
+USER_DR = "envlane-users-own"  # a user's object under an envlane-like name
+FENCE_CASES = [
+    ("a DestinationRule without the ownership label", "POST", DRS + DRY,
+     _obj(DR_API, "DestinationRule", NS_A, "envlane-probe", spec={"host": "cart"}), None,
+     "only objects labelled"),
+    ("a DestinationRule not named envlane-*", "POST", DRS + DRY,
+     _owned(_obj(DR_API, "DestinationRule", NS_A, "probe", spec={"host": "cart"})), None, "writes only"),
+    ("a DestinationRule in a namespace that did not opt in", "POST",
+     f"/apis/{DR_API}/namespaces/{OUTSIDER}/destinationrules{DRY}",
+     _owned(_obj(DR_API, "DestinationRule", OUTSIDER, "envlane-probe", spec={"host": "shop"})), None,
+     "only in namespaces selected by envlane.io/enabled=true"),
+    ("its WasmPlugin in a namespace that did not opt in", "PATCH",
+     f"/apis/{WASM_API}/namespaces/{OUTSIDER}/wasmplugins/envlane{DRY}&fieldManager=rbac-probe",
+     _owned(_obj(WASM_API, "WasmPlugin", OUTSIDER, "envlane", spec={"url": "file:///dev/null"})), APPLY,
+     "only in namespaces selected"),
+    ("a route EnvoyFilter outside the Istio root namespace", "POST",
+     f"/apis/{EF_API}/namespaces/{NS_A}/envoyfilters{DRY}",
+     _owned(_obj(EF_API, "EnvoyFilter", NS_A, "envlane-routes.a.b", spec={"configPatches": []})), None,
+     "writes only"),
+    ("an EnvoyFilter of another name in the root namespace", "POST", EFS + DRY,
+     _owned(_obj(EF_API, "EnvoyFilter", ROOT_NS, "mesh-wide", spec={"configPatches": []})), None,
+     "writes only"),
+    ("taking over a user's object by labelling it", "PATCH",
+     f"{DRS}/{USER_DR}{DRY}&fieldManager=rbac-probe&force=true",
+     _owned(_obj(DR_API, "DestinationRule", NS_A, USER_DR, spec={"host": "cart"})), APPLY,
+     "never takes over"),
+    ("deleting a user's object", "DELETE", f"{DRS}/{USER_DR}{DRY}", None, None, "only objects labelled"),
+]
+
 # SelfSubjectAccessReview: (verb, group, resource, subresource, namespace, allowed)
 ACCESS_CASES = [
     ("watch", "", "pods", "", "", True),
     ("watch", "", "services", "", "", True),
     ("watch", "", "namespaces", "", "", True),
     ("watch", "networking.istio.io", "virtualservices", "", "", True),
-    ("patch", "extensions.istio.io", "wasmplugins", "", NS_B, True),
+    ("watch", "extensions.istio.io", "wasmplugins", "", "", True),
     ("delete", "networking.istio.io", "destinationrules", "", NS_B, True),
     ("patch", "networking.istio.io", "envoyfilters", "", ROOT_NS, True),
     ("get", "", "secrets", "", "", False),
@@ -514,6 +552,31 @@ def test_rbac_requests(as_sync, what, method, path, body, ctype, want):
     if want == 403:
         assert answer["reason"] == "Forbidden"
         assert "system:serviceaccount:envlane-system:" in answer["message"], answer
+
+
+@pytest.fixture(scope="module")
+def users_object(cluster, sync, as_sync):
+    """A user's DestinationRule under an envlane-like name; returns once the
+    API server enforces the policy (its admission plugin loads a new policy
+    from an informer, about a second after it is created)."""
+    cluster.apply(_obj(DR_API, "DestinationRule", NS_A, USER_DR, spec={"host": "cart"}), manager="a-user")
+    (_, _, path, body, ctype, _) = FENCE_CASES[0]
+    sync.wait(lambda: as_sync("POST", path, body, ctype)[0] == 403, "admission policy enforced", 30)
+
+
+@pytest.mark.parametrize("what,method,path,body,ctype,refusal", FENCE_CASES, ids=[c[0] for c in FENCE_CASES])
+def test_admission_policy_fences_its_writes(as_sync, users_object, what, method, path, body, ctype, refusal):
+    status, answer = as_sync(method, path, body, ctype)
+    assert status == 403, (what, answer)
+    assert "ValidatingAdmissionPolicy 'envlane-sync-writes'" in answer["message"], answer
+    assert refusal in answer["message"], answer
+
+
+def test_admission_policy_leaves_other_users_alone(cluster, users_object):
+    """The policy matches envlane-sync's ServiceAccount only: the admin (any
+    other user) still writes such objects freely."""
+    obj = _obj(DR_API, "DestinationRule", NS_A, "probe-by-admin", spec={"host": "cart"})
+    assert cluster.apply(obj, manager="a-user")["metadata"]["name"] == "probe-by-admin"
 
 
 @pytest.mark.parametrize("verb,group,resource,sub,ns,allowed", ACCESS_CASES,
