@@ -307,3 +307,14 @@ def test_bad_values_are_refused(what):
     out = template(*args, check=False)
     assert out.returncode != 0, f"{what}: accepted"
     assert "schema" in out.stderr or "set mode" in out.stderr, out.stderr
+
+
+def test_monitoring_objects_are_monitorings():
+    """With them enabled the chart renders exactly monitoring/'s objects
+    (which test_monitoring.py checks against promtool, the operator's CRDs
+    and a real Prometheus)."""
+    got = [d for d in template(*ALL_ON) if d["apiVersion"].startswith("monitoring.coreos.com/") or
+           d["metadata"]["name"] == "envlane-dashboard"]
+    want = [d for f in ("servicemonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml")
+            for d in docs((ROOT / "monitoring" / f).read_text())]
+    assert_same_objects(got, want)

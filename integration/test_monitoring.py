@@ -80,6 +80,43 @@ def test_promtool_checks_the_rules(tmp_path):
     assert promtool("check", "rules", str(bad)).returncode != 0, "promtool is not vacuous"
 
 
+# The Prometheus Operator's CRDs (its Go module carries them as YAML).
+PROM_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
+
+
+def operator_crd(plural: str) -> dict:
+    out = subprocess.run(["go", "mod", "download", "-json", PROM_OPERATOR], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    path = Path(json.loads(out.stdout)["Dir"]) / "example" / "prometheus-operator-crd" / f"monitoring.coreos.com_{plural}.yaml"
+    return yaml.safe_load(path.read_text())
+
+
+def operator_errors(doc: dict) -> list[str]:
+    import jsonschema
+    import test_manifests as tm
+
+    plural = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}[doc["kind"]]
+    crd = operator_crd(plural)
+    group, version = doc["apiVersion"].split("/")
+    assert crd["spec"]["group"] == group
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v.get("served")]
+    schema = tm.strict(served["schema"]["openAPIV3Schema"]["properties"]["spec"])
+    v = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc["spec"])]
+
+
+def test_monitoring_objects_match_the_operator_crds():
+    docs = [yaml.safe_load((MONITORING / f).read_text()) for f in ("servicemonitor.yaml", "prometheusrule.yaml")]
+    for doc in docs:
+        assert operator_errors(doc) == [], doc["kind"]
+    sm = copy.deepcopy(docs[0])
+    sm["spec"]["endpoints"][0]["honorlabels"] = True
+    assert operator_errors(sm), "a misspelt field is refused"
+    rule = copy.deepcopy(docs[1])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = 600
+    assert operator_errors(rule), "a number where a duration goes is refused"
+
+
 def metric_names(expr: str) -> set[str]:
     return gen_chart.used_metrics(expr)
 
