@@ -8,6 +8,7 @@ use std::sync::Arc;
 use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, ServiceEntry};
 use envlane::names::{fnv1a64, EnvName, Splitter, SubsetName};
 use envlane::table::{HostTemplate, Node, RoutingTable};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::model::{
@@ -175,6 +176,11 @@ impl DesiredObject {
     /// server's request limit is checked against.
     pub fn size_bytes(&self) -> usize {
         self.json.len().saturating_add(self.table_bytes)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn json_for_tests(&self) -> &str {
+        &self.json
     }
 
     /// An object of about `bytes` bytes, for plan tests.
@@ -552,15 +558,17 @@ pub fn render<'a>(
         &settings.cluster_domain,
         |host, patches| {
             if let Some(svc) = by_fqdn.get(host) {
-                let mut labels = Map::new();
-                labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
-                labels.insert(SERVICE_NAMESPACE_LABEL.into(), svc.namespace.clone().into());
                 objects.push(object(
                     Kind::EnvoyFilter,
                     &opts.istio_root_namespace,
                     &routes::envoy_filter_name(&svc.namespace, &svc.name),
-                    labels,
-                    json!({ "configPatches": patches }),
+                    &[
+                        (SERVICE_LABEL, &svc.name),
+                        (SERVICE_NAMESPACE_LABEL, &svc.namespace),
+                    ],
+                    &EnvoyFilterSpec {
+                        config_patches: patches,
+                    },
                 ));
             }
         },
@@ -721,35 +729,61 @@ fn short_hash(table: &PluginConfig) -> String {
     format!("{:012x}", fnv1a64(&bytes) & 0xffff_ffff_ffff)
 }
 
-fn object(
+/// An object as envlane-sync writes it. Fields and label keys are in sorted
+/// order, as a `serde_json::Value` of it would serialize them, so hashes stay
+/// what they were when objects were built as `Value`s.
+#[derive(Serialize)]
+struct ObjectJson<'a, S: Serialize> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: MetadataJson<'a>,
+    spec: &'a S,
+}
+
+#[derive(Serialize)]
+struct MetadataJson<'a> {
+    labels: BTreeMap<&'a str, &'a str>,
+    name: &'a str,
+    namespace: &'a str,
+}
+
+#[derive(Serialize)]
+struct EnvoyFilterSpec<'a> {
+    #[serde(rename = "configPatches")]
+    config_patches: &'a [routes::RoutePatch<'a>],
+}
+
+fn object<S: Serialize>(
     kind: Kind,
     namespace: &str,
     name: &str,
-    labels: Map<String, Value>,
-    spec: Value,
+    labels: &[(&str, &str)],
+    spec: &S,
 ) -> DesiredObject {
-    let mut labels = labels;
-    labels.insert(MANAGED_BY_KEY.into(), MANAGED_BY_VALUE.into());
-    let mut body = json!({
-        "apiVersion": kind.api_version(),
-        "kind": kind.kind(),
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": labels,
+    let mut all: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    all.insert(MANAGED_BY_KEY, MANAGED_BY_VALUE);
+    let api_version = kind.api_version();
+    let plain = serde_json::to_string(&ObjectJson {
+        api_version: &api_version,
+        kind: kind.kind(),
+        metadata: MetadataJson {
+            labels: all,
+            name,
+            namespace,
         },
-        "spec": spec,
-    });
-    let hash = format!(
-        "{:016x}",
-        fnv1a64(&serde_json::to_vec(&body).unwrap_or_default())
-    );
-    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.insert(
-            "annotations".into(),
-            json!({ HASH_ANNOTATION: hash.clone() }),
-        );
-    }
+        spec,
+    })
+    .unwrap_or_default();
+    let hash = format!("{:016x}", fnv1a64(plain.as_bytes()));
+    // The hash goes in as the first key of `metadata` (`annotations` sorts
+    // before `labels`): one serialization instead of a second one.
+    let json = match plain.split_once(r#""metadata":{"#) {
+        Some((head, tail)) => format!(
+            r#"{head}"metadata":{{"annotations":{{"{HASH_ANNOTATION}":"{hash}"}},{tail}"#
+        ),
+        None => plain,
+    };
     DesiredObject {
         key: ObjectKey {
             kind,
@@ -757,7 +791,7 @@ fn object(
             name: name.to_string(),
         },
         hash,
-        json: serde_json::to_string(&body).unwrap_or_default().into(),
+        json: json.into(),
         table: None,
         table_bytes: 0,
     }
@@ -788,39 +822,52 @@ fn wasm_plugin(
         Kind::WasmPlugin,
         namespace,
         &opts.wasm_plugin_name,
-        Map::new(),
-        spec,
+        &[],
+        &spec,
     );
     obj.table = Some(Arc::clone(plugin_config));
     obj.table_bytes = table_bytes;
     obj
 }
 
+/// A DestinationRule's spec (keys in sorted order, see [`ObjectJson`]).
+#[derive(Serialize)]
+struct DestinationRuleSpec<'a> {
+    host: String,
+    subsets: Vec<SubsetJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct SubsetJson<'a> {
+    labels: BTreeMap<&'a str, &'a str>,
+    name: &'a str,
+}
+
 fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions) -> DesiredObject {
-    let label = &opts.settings.env_label;
-    let subsets: Vec<Value> = pairs
-        .iter()
-        .map(|(env, subset)| json!({"name": subset, "labels": {label.as_str(): env}}))
-        .collect();
-    let spec = json!({
-        "host": fqdn(svc, &opts.settings.cluster_domain),
-        "subsets": subsets,
-    });
-    let mut labels = Map::new();
-    labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
+    let label = opts.settings.env_label.as_str();
+    let spec = DestinationRuleSpec {
+        host: fqdn(svc, &opts.settings.cluster_domain),
+        subsets: pairs
+            .iter()
+            .map(|(env, subset)| SubsetJson {
+                labels: BTreeMap::from([(label, *env)]),
+                name: subset,
+            })
+            .collect(),
+    };
     object(
         Kind::DestinationRule,
         &svc.namespace,
         &destination_rule_name(svc),
-        labels,
-        spec,
+        &[(SERVICE_LABEL, &svc.name)],
+        &spec,
     )
 }
 
-/// `envlane-<service>`, in the Service's namespace.
 /// DestinationRules are named `envlane-<service>`.
 pub const DESTINATION_RULE_PREFIX: &str = "envlane-";
 
+/// `envlane-<service>`, in the Service's namespace.
 fn destination_rule_name(svc: &Service) -> String {
     format!("{DESTINATION_RULE_PREFIX}{}", svc.name)
 }
@@ -866,10 +913,13 @@ fn per_env_service(
         "selector": selector,
         "ports": ports,
     });
-    let mut labels = Map::new();
-    labels.insert(SERVICE_LABEL.into(), svc.name.clone().into());
-    labels.insert(SUBSET_LABEL.into(), subset.into());
-    object(Kind::Service, &svc.namespace, name, labels, spec)
+    object(
+        Kind::Service,
+        &svc.namespace,
+        name,
+        &[(SERVICE_LABEL, &svc.name), (SUBSET_LABEL, subset)],
+        &spec,
+    )
 }
 
 #[cfg(test)]

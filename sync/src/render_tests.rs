@@ -272,6 +272,44 @@ fn table_cases() {
     }
 }
 
+/// Objects are serialized from typed parts with the hash spliced in; the
+/// JSON must be what the same object as a `Value` gives (sorted keys), and
+/// the hash that of the object without its annotation, as before.
+#[test]
+fn object_json_is_canonical_and_hashed_without_the_annotation() {
+    for mode in [Mode::Cluster, Mode::Host] {
+        let opts = opts_with(PluginConfig {
+            mode,
+            default_env: Some("dev".into()),
+            ..PluginConfig::default()
+        });
+        let r = render(&[ns("demo", true)], &alibaba_pods("demo"), &alibaba_services("demo"), &opts)
+            .unwrap();
+        assert!(r.objects.len() > 3);
+        for o in &r.objects {
+            let mut body = o.body();
+            let canonical = serde_json::to_string(&body).unwrap_or_default();
+            if o.key.kind != Kind::WasmPlugin {
+                assert_eq!(o.json_for_tests(), canonical, "{}", o.key);
+            }
+            let annotations = body
+                .pointer_mut("/metadata")
+                .and_then(Value::as_object_mut)
+                .and_then(|m| m.remove("annotations"));
+            assert_eq!(
+                annotations,
+                Some(json!({ HASH_ANNOTATION: o.hash.clone() })),
+                "{}",
+                o.key
+            );
+            if o.key.kind != Kind::WasmPlugin {
+                let plain = serde_json::to_vec(&body).unwrap_or_default();
+                assert_eq!(o.hash, format!("{:016x}", fnv1a64(&plain)), "{}", o.key);
+            }
+        }
+    }
+}
+
 #[test]
 fn invalid_labels_are_reported_with_the_splitter_in_force() {
     let pods = vec![

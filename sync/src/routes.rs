@@ -11,11 +11,12 @@
 //! service itself (one destination, that host, no subset). [`plan`] decides
 //! per service port from the VirtualServices that cover its host. Pure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use envlane::config::ROUTE_STATE_KEY;
 use envlane::table::{istio_cluster, PortTargets};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::model::VirtualService;
 use crate::warning::{Reason, Regarding, Warning};
@@ -118,53 +119,191 @@ pub fn plan(
     (named.into_iter().map(Scope::Route).collect(), warnings)
 }
 
-fn cluster_action(cluster: &str) -> Value {
-    json!({"action": {"name": "cluster", "typed_config": {
-        "@type": CLUSTER_ACTION_TYPE,
-        "cluster": cluster,
-    }}})
+/// One route patch, serialized straight from borrowed parts (a few thousand
+/// per pass: building `Value` trees for them was most of a render). Keys are
+/// declared in sorted order, so the JSON is byte for byte what the same
+/// patch as a `serde_json::Value` gives (`patch_json_is_the_value_json`).
+#[derive(Debug, Serialize)]
+pub struct RoutePatch<'a> {
+    #[serde(rename = "applyTo")]
+    apply_to: &'static str,
+    #[serde(rename = "match")]
+    route_match: PatchMatch<'a>,
+    patch: PatchOperation<'a>,
 }
 
-/// The EnvoyFilter patch for one service port and scope.
-pub fn patch(targets: &PortTargets<'_>, scope: &Scope) -> Value {
-    let mut route_match = Map::new();
-    route_match.insert("action".into(), "ROUTE".into());
-    if let Scope::Route(name) = scope {
-        route_match.insert("name".into(), name.clone().into());
-    }
-    let map: Map<String, Value> = targets
-        .targets
-        .iter()
-        .map(|t| ((*t).to_string(), cluster_action(t)))
-        .collect();
-    json!({
-        "applyTo": "HTTP_ROUTE",
-        "match": {
-            "context": "SIDECAR_OUTBOUND",
-            "routeConfiguration": {"vhost": {
-                "name": format!("{}:{}", targets.fqdn, targets.port),
-                "route": route_match,
-            }},
+#[derive(Debug, Serialize)]
+struct PatchMatch<'a> {
+    context: &'static str,
+    #[serde(rename = "routeConfiguration")]
+    route_configuration: RouteConfiguration<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteConfiguration<'a> {
+    vhost: Vhost<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct Vhost<'a> {
+    name: String,
+    route: RouteSelector<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteSelector<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct PatchOperation<'a> {
+    operation: &'static str,
+    value: PatchValue<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct PatchValue<'a> {
+    route: RouteValue<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteValue<'a> {
+    inline_cluster_specifier_plugin: SpecifierPlugin<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct SpecifierPlugin<'a> {
+    extension: Named<MatcherSpecifier<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Named<T> {
+    name: &'static str,
+    typed_config: T,
+}
+
+#[derive(Debug, Serialize)]
+struct MatcherSpecifier<'a> {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    cluster_matcher: ClusterMatcher<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterMatcher<'a> {
+    matcher_tree: MatcherTree<'a>,
+    on_no_match: ClusterAction<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct MatcherTree<'a> {
+    exact_match_map: ExactMatchMap<'a>,
+    input: Named<FilterStateInput>,
+}
+
+#[derive(Debug, Serialize)]
+struct ExactMatchMap<'a> {
+    map: BTreeMap<&'a str, ClusterAction<&'a str>>,
+}
+
+#[derive(Debug, Serialize)]
+struct FilterStateInput {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    key: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterAction<S> {
+    action: Named<ClusterActionConfig<S>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterActionConfig<S> {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    cluster: S,
+}
+
+fn cluster_action<S>(cluster: S) -> ClusterAction<S> {
+    ClusterAction {
+        action: Named {
+            name: "cluster",
+            typed_config: ClusterActionConfig {
+                type_url: CLUSTER_ACTION_TYPE,
+                cluster,
+            },
         },
-        "patch": {"operation": "MERGE", "value": {"route": {
-            "inline_cluster_specifier_plugin": {"extension": {
-                "name": "envlane",
-                "typed_config": {
-                    "@type": MATCHER_TYPE,
-                    "cluster_matcher": {
-                        "matcher_tree": {
-                            "input": {"name": "envlane_route", "typed_config": {
-                                "@type": FILTER_STATE_INPUT_TYPE,
-                                "key": ROUTE_STATE_KEY,
-                            }},
-                            "exact_match_map": {"map": map},
+    }
+}
+
+impl<'a> RoutePatch<'a> {
+    /// The EnvoyFilter patch for one service port and scope.
+    pub fn new(targets: &PortTargets<'a>, scope: &'a Scope) -> Self {
+        RoutePatch {
+            apply_to: "HTTP_ROUTE",
+            route_match: PatchMatch {
+                context: "SIDECAR_OUTBOUND",
+                route_configuration: RouteConfiguration {
+                    vhost: Vhost {
+                        name: format!("{}:{}", targets.fqdn, targets.port),
+                        route: RouteSelector {
+                            action: "ROUTE",
+                            name: match scope {
+                                Scope::Route(name) => Some(name.as_str()),
+                                Scope::WholeVhost => None,
+                            },
                         },
-                        "on_no_match": cluster_action(&istio_cluster(targets.port, "", targets.fqdn)),
                     },
                 },
-            }},
-        }}},
-    })
+            },
+            patch: PatchOperation {
+                operation: "MERGE",
+                value: PatchValue {
+                    route: RouteValue {
+                        inline_cluster_specifier_plugin: SpecifierPlugin {
+                            extension: Named {
+                                name: "envlane",
+                                typed_config: MatcherSpecifier {
+                                    type_url: MATCHER_TYPE,
+                                    cluster_matcher: ClusterMatcher {
+                                        matcher_tree: MatcherTree {
+                                            exact_match_map: ExactMatchMap {
+                                                map: targets
+                                                    .targets
+                                                    .iter()
+                                                    .map(|t| (*t, cluster_action(*t)))
+                                                    .collect(),
+                                            },
+                                            input: Named {
+                                                name: "envlane_route",
+                                                typed_config: FilterStateInput {
+                                                    type_url: FILTER_STATE_INPUT_TYPE,
+                                                    key: ROUTE_STATE_KEY,
+                                                },
+                                            },
+                                        },
+                                        on_no_match: cluster_action(istio_cluster(
+                                            targets.port,
+                                            "",
+                                            targets.fqdn,
+                                        )),
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        }
+    }
+}
+
+/// The EnvoyFilter patch for one service port and scope, as a `Value`.
+pub fn patch(targets: &PortTargets<'_>, scope: &Scope) -> Value {
+    serde_json::to_value(RoutePatch::new(targets, scope)).unwrap_or(Value::Null)
 }
 
 /// The patches of each service (all its ports), by FQDN in table order,
@@ -176,7 +315,11 @@ pub fn patches<'t>(
 ) -> (Vec<(&'t str, Vec<Value>)>, Vec<Warning>) {
     let mut out: Vec<(&'t str, Vec<Value>)> = Vec::new();
     let warnings = each_service_patches(targets, virtual_services, cluster_domain, |fqdn, list| {
-        out.push((fqdn, list));
+        let values = list
+            .iter()
+            .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+            .collect();
+        out.push((fqdn, values));
     });
     (out, warnings)
 }
@@ -189,26 +332,34 @@ pub fn each_service_patches<'t>(
     targets: &[PortTargets<'t>],
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
-    mut each: impl FnMut(&'t str, Vec<Value>),
+    mut each: impl FnMut(&'t str, &[RoutePatch<'_>]),
 ) -> Vec<Warning> {
     let mut warnings = Vec::new();
-    let mut current: Option<(&'t str, Vec<Value>)> = None;
-    for t in targets {
-        let (scopes, why) = plan(t.fqdn, t.port, virtual_services, cluster_domain);
-        warnings.extend(why);
-        let values = scopes.iter().map(|s| patch(t, s));
-        match &mut current {
-            Some((fqdn, list)) if *fqdn == t.fqdn => list.extend(values),
-            _ => {
-                if let Some((fqdn, list)) = current.take().filter(|(_, l)| !l.is_empty()) {
-                    each(fqdn, list);
-                }
-                current = Some((t.fqdn, values.collect()));
-            }
+    // One service's ports are consecutive in `targets`.
+    let mut start = 0;
+    while let Some(first) = targets.get(start) {
+        let end = targets
+            .iter()
+            .skip(start)
+            .position(|t| t.fqdn != first.fqdn)
+            .map_or(targets.len(), |n| start + n);
+        let ports = targets.get(start..end).unwrap_or_default();
+        let scopes: Vec<(&PortTargets<'t>, Vec<Scope>)> = ports
+            .iter()
+            .map(|t| {
+                let (scopes, why) = plan(t.fqdn, t.port, virtual_services, cluster_domain);
+                warnings.extend(why);
+                (t, scopes)
+            })
+            .collect();
+        let list: Vec<RoutePatch<'_>> = scopes
+            .iter()
+            .flat_map(|(t, scopes)| scopes.iter().map(|s| RoutePatch::new(t, s)))
+            .collect();
+        if !list.is_empty() {
+            each(first.fqdn, &list);
         }
-    }
-    if let Some((fqdn, list)) = current.filter(|(_, l)| !l.is_empty()) {
-        each(fqdn, list);
+        start = end;
     }
     warnings
 }
@@ -223,6 +374,27 @@ pub fn envoy_filter_name(namespace: &str, service: &str) -> String {
 mod tests {
     use super::*;
     use crate::model::{Destination, HttpRoute};
+    use serde_json::json;
+
+    /// The typed patch serializes exactly as its `Value` does (sorted keys),
+    /// so the content hashes of EnvoyFilters did not change with it.
+    #[test]
+    fn patch_json_is_the_value_json() {
+        let targets = PortTargets {
+            fqdn: GO,
+            port: 8080,
+            targets: vec![
+                "outbound|8080|dev-proj1|go.demo.svc.cluster.local",
+                "outbound|8080|dev|go.demo.svc.cluster.local",
+            ],
+        };
+        for scope in [Scope::WholeVhost, Scope::Route("api".into())] {
+            let typed = serde_json::to_string(&RoutePatch::new(&targets, &scope)).unwrap_or_default();
+            let value = serde_json::to_string(&patch(&targets, &scope)).unwrap_or_default();
+            assert_eq!(typed, value);
+            assert!(typed.contains("outbound|8080||go.demo.svc.cluster.local"), "{typed}");
+        }
+    }
 
     const GO: &str = "go.demo.svc.cluster.local";
 
