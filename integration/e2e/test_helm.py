@@ -228,3 +228,38 @@ def test_dashboard_and_alerts_on_the_running_mesh(cluster, running):
                                      "envlane dashboard, drawn from Prometheus query results (e2e: real kube-apiserver + istiod, "
                                      "envlane-sync installed with the Helm chart, alibaba's topology)")
         print(f"dashboard picture: {png} {counts}")
+
+
+def operator_crd_files() -> list[Path]:
+    """The Prometheus Operator's CRDs from its Go module (downloaded by
+    integration/test_monitoring.py: no network in the suite's namespace)."""
+    cache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip()
+    module = "github.com/prometheus-operator/prometheus-operator@" + prom_operator_version()
+    d = Path(cache) / module / "example" / "prometheus-operator-crd"
+    files = [d / f"monitoring.coreos.com_{p}.yaml" for p in ("servicemonitors", "prometheusrules")]
+    for f in files:
+        assert f.is_file(), f"{f} is missing: run integration/test_monitoring.py first (it downloads {module})"
+    return files
+
+
+def prom_operator_version() -> str:
+    text = (REPO / "integration" / "test_monitoring.py").read_text()
+    import re
+
+    return re.search(r'PROM_OPERATOR = "[^@]+@([^"]+)"', text).group(1)
+
+
+def test_monitoring_objects_pass_the_api_server(cp, applied):
+    for f in operator_crd_files():
+        cp.kubectl("apply", "--server-side", "--field-manager", "envlane-e2e", "-f", str(f))
+    for name in ("servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    render = helm_template(applied[0], "monitoring", "serviceMonitor.enabled=true", "prometheusRule.enabled=true",
+                           "grafanaDashboard.enabled=true")
+    out = cp.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(render)).stdout
+    assert "servicemonitor.monitoring.coreos.com/envlane-sync created (server dry run)" in out, out
+    assert "prometheusrule.monitoring.coreos.com/envlane created (server dry run)" in out, out
+    bad = render.read_text().replace("honorLabels: true", "honorLabel: true")
+    assert bad != render.read_text()
+    refused = cp.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=bad, check=False)
+    assert refused.returncode != 0 and "honorLabel" in refused.stderr, refused.stderr

@@ -26,7 +26,13 @@ from controlplane import REPO
 from install import EnvlaneSync
 
 DOC = REPO / "docs" / "install.md"
-NS = "shop"
+DOC_NS = "shop"  # the namespace the document uses
+NS = "doc-shop"  # where this suite runs its commands (another module deploys into "shop")
+
+
+def here(text: str) -> str:
+    """A command or an expected output of the document, for this suite's namespace."""
+    return re.sub(rf"\b{DOC_NS}\b", NS, text)
 
 
 def sh_blocks(text: str) -> list[str]:
@@ -68,6 +74,7 @@ def run(cp, workdir):
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "KUBECONFIG": str(cp.kubeconfig), "HOME": str(workdir)}
 
     def run(cmd: str, timeout: float = 90) -> str:
+        cmd = here(cmd)
         out = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, f"{cmd}:\n{out.stdout}{out.stderr}"
         return out.stdout
@@ -96,10 +103,10 @@ def sync(cp, workdir, run, doc):
 
 def test_step4_namespace_from_nothing(doc, run, sync):
     outs = [run(command(doc, c)).strip() for c in ("kubectl create namespace shop", "kubectl label namespace shop envlane.io/enabled=true")]
-    expected = quoted_after(doc, "Expected: `namespace/shop created`", "then")
-    assert outs == ["namespace/shop created", "namespace/shop labeled"] == expected[:2]
+    expected = [here(x) for x in quoted_after(doc, "Expected: `namespace/shop created`", "then")]
+    assert outs == [f"namespace/{NS} created", f"namespace/{NS} labeled"] == expected[:2]
     got = run(command(doc, "kubectl get namespace shop -L")).strip().splitlines()
-    want = expected_after(doc, "Expected: `namespace/shop created`").strip().splitlines()
+    want = here(expected_after(doc, "Expected: `namespace/shop created`")).strip().splitlines()
     strip_age = lambda line: [w for i, w in enumerate(line.split()) if i != 2]  # noqa: E731 - AGE varies
     assert [strip_age(x) for x in got] == [strip_age(x) for x in want]
 
@@ -115,15 +122,19 @@ def test_step5_waits_before_the_first_request(doc, run, sync, cluster):
     cluster.pod(NS, "go-dev-proj1-0", {"app": "go", "virtual-env": "dev.proj1"}, port=8080)
     cluster.pod(NS, "client-0", {"app": "client", "virtual-env": "dev"}, port=8080)
     cluster.sync_endpoints(NS, "go")
-    expected = quoted_after(doc, "Expected: `wasmplugin.extensions.istio.io/envlane condition met`", "(One object per")
+    expected = [here(x) for x in quoted_after(doc, "Expected: `wasmplugin.extensions.istio.io/envlane condition met`", "(the table in")]
     waited = []
     for what in ("wasmplugin/envlane", "destinationrule/envlane-go"):
         waited += run(command(doc, f"kubectl -n shop wait --for=create {what}")).strip().splitlines()
     waited += run(command(doc, "kubectl -n istio-system wait --for=create")).strip().splitlines()
     assert waited == expected[:3]
-    envs = run(command(doc, "kubectl -n shop get wasmplugin envlane -o jsonpath")).strip()
-    assert envs == expected[3]
+    envs = run(command(doc, "kubectl -n shop get destinationrule envlane-go -o jsonpath")).strip()
+    assert envs == expected[4] == "dev dev.proj1", expected
     # Uninstall, step 1: opting out removes what envlane-sync made there.
     run(command(doc, "kubectl label namespace shop envlane.io/enabled-"))
-    sync.wait(lambda: cluster.get("extensions.istio.io/v1alpha1", "WasmPlugin", NS, "envlane") is None,
-              "the opted-out namespace's WasmPlugin is gone", 30)
+    sync.wait(lambda: cluster.get("extensions.istio.io/v1alpha1", "WasmPlugin", NS, "envlane") is None
+              and not cluster.list("networking.istio.io/v1", "DestinationRule", NS),
+              "the opted-out namespace's WasmPlugin and DestinationRules are gone", 30)
+    for pod in ("go-dev-0", "go-dev-proj1-0", "client-0"):
+        cluster.delete_pod(NS, pod)
+    cluster.api("DELETE", f"/api/v1/namespaces/{NS}/services/go", ok=(404,))
