@@ -13,7 +13,9 @@
 #                         kube-apiserver, kubectl and istiod from their pinned Go modules,
 #                         installs envlane with kubectl apply -k, runs envlane-sync with its
 #                         ServiceAccount's token and real Envoy sidecars configured by istiod
-#   ./build.sh bench      the benchmarks (figures go to BENCHMARKS.md by hand)
+#   ./build.sh bench [quick|full|report]  the benchmarks (benches/run.py): quick = Envoy
+#                         instructions/request of A, B, C, D and the empty filter under
+#                         callgrind (<10 min); figures in dist/bench/results.json
 #   ./build.sh setup      install what the above need (Rust target, Envoy, Python deps)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -91,6 +93,29 @@ build_sync() {
   cargo build --quiet --release -p envlane-sync
 }
 
+# The benchmarks' empty filter: the same crate with the `bench-noop` cargo
+# feature (proxy_on_request_headers returns at once), in its own target dir.
+build_noop_wasm() {
+  log "building the empty filter for the benchmarks (--features bench-noop)"
+  CARGO_TARGET_DIR=target/bench-noop cargo build --quiet --target wasm32-wasip1 --profile wasm -p envlane --features bench-noop
+  mkdir -p dist/bench
+  cp target/bench-noop/wasm32-wasip1/wasm/envlane.wasm dist/bench/envlane-noop.wasm
+}
+
+# What the benchmarks run (Debian packages); benches/run.py installs nothing.
+bench_setup() {
+  local need=() tool pkg
+  for tool in wrk:wrk h2load:nghttp2-client valgrind:valgrind callgrind_control:valgrind /usr/bin/time:time; do
+    pkg=${tool#*:}
+    tool=${tool%%:*}
+    command -v "$tool" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing benchmark tools: ${need[*]}"
+    apt-get install -y -q "${need[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
+  fi
+}
+
 # The real-control-plane suite (integration/e2e). Needs Go (the version in
 # integration/controlplane/go.mod; Go fetches a newer toolchain itself when
 # GOTOOLCHAIN allows), openssl, curl and unshare/ip (util-linux, iproute2):
@@ -153,6 +178,8 @@ case "${1:-build}" in
   bench)
     build_wasm
     build_native
+    bench_setup
+    build_noop_wasm
     python3 benches/run.py "${@:2}"
     ;;
   *) echo "usage: $0 [build|wasm|images|manifests|demo|test|e2e|bench|setup]" >&2; exit 2 ;;

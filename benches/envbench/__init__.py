@@ -1,0 +1,1 @@
+"""envlane's benchmark harness (benches/run.py is the entry point)."""
