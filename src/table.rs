@@ -165,7 +165,11 @@ impl RoutingTable {
         // Subset names must differ among one service's envs (they are that
         // service's DestinationRule subsets); envs of different services may
         // share one, so no tenant's env can take another tenant's subset.
-        let mut service_subsets: HashMap<&str, u32> = HashMap::new();
+        // Checked without hashing per pair: envs that share a subset name
+        // share a class (its first env's id); `seen[class]` holds the service
+        // that last used the class and with which env.
+        let subset_class = subset_classes(&subsets);
+        let mut seen: Vec<(usize, u32)> = vec![(usize::MAX, 0); subsets.len()];
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             let fqdn = ServiceHost::try_new(&entry.host)
@@ -192,7 +196,6 @@ impl RoutingTable {
                 ));
             }
             let mut envs = Vec::with_capacity(entry.envs.len());
-            service_subsets.clear();
             for (j, &env_id) in entry.envs.iter().enumerate() {
                 let subset = subsets.get(env_id as usize).ok_or_else(|| {
                     ConfigError::new(
@@ -200,13 +203,16 @@ impl RoutingTable {
                         format!("{env_id} is not an index into envs"),
                     )
                 })?;
-                if let Some(prev) = service_subsets.insert(subset.as_str(), env_id) {
-                    if prev != env_id {
+                let class = subset_class.get(env_id as usize).copied().unwrap_or(env_id);
+                if let Some(slot) = seen.get_mut(class as usize) {
+                    let (service, prev) = *slot;
+                    if service == i && prev != env_id {
                         return Err(ConfigError::new(
                             format!("services[{i}].envs[{j}]"),
                             format!("envs {prev} and {env_id} share subset `{subset}`"),
                         ));
                     }
+                    *slot = (i, env_id);
                 }
                 let first = targets.next_slot()?;
                 match (config.mode, &parts) {
@@ -681,6 +687,17 @@ impl HostTemplate {
             })
             .collect()
     }
+}
+
+/// For each env id, the id of the first env with the same subset name.
+fn subset_classes(subsets: &[SubsetName]) -> Vec<u32> {
+    let mut first: HashMap<&str, u32, BuildHasherDefault<FxHasher>> =
+        HashMap::with_capacity_and_hasher(subsets.len(), BuildHasherDefault::default());
+    subsets
+        .iter()
+        .zip(0u32..)
+        .map(|(s, id)| *first.entry(s.as_str()).or_insert(id))
+        .collect()
 }
 
 /// FxHash (as in rustc): a few cycles per word. Keys come from the config,

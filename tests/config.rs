@@ -144,6 +144,39 @@ fn envs_of_different_services_may_share_a_subset() {
 }
 
 #[test]
+fn envs_of_one_service_may_not_share_a_subset() {
+    let envs = r#"[{"name":"dev.a","subset":"s"},{"name":"dev.b","subset":"s"},{"name":"dev.c","subset":"t"}]"#;
+    let with = |services: &str| check(&format!(r#"{{"envs":{envs},"services":[{services}]}}"#));
+    let svc =
+        |envs: &str| format!(r#"{{"host":"go.ns.svc.cluster.local","ports":[80],"envs":{envs}}}"#);
+    let other =
+        |envs: &str| format!(r#"{{"host":"js.ns.svc.cluster.local","ports":[80],"envs":{envs}}}"#);
+    // The same subset for two envs of one service: the second is named.
+    assert_eq!(
+        with(&svc("[0,2,1]")).err().as_deref(),
+        Some("services[0].envs[2]")
+    );
+    assert_eq!(
+        with(&format!("{},{}", other("[2]"), svc("[1,0]")))
+            .err()
+            .as_deref(),
+        Some("services[1].envs[1]")
+    );
+    // The two envs in different services: fine.
+    assert!(with(&format!("{},{}", svc("[0,2]"), other("[1,2]"))).is_ok());
+    let err = RoutingTable::compile(
+        &parse(format!(r#"{{"envs":{envs},"services":[{}]}}"#, svc("[1,0]")).as_bytes()).unwrap(),
+        &Node::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("envs 1 and 0 share subset `s`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn empty_and_default_configs_are_valid() {
     for json in ["", "  ", "{}", r#"{"mode":"host","defaultEnv":"dev"}"#] {
         assert!(check(json).is_ok(), "{json:?}");
