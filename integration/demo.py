@@ -59,6 +59,45 @@ def first_build_time() -> str:
     return "9.5 minutes on 2 cores (crates already downloaded; downloads and setup come on top)"
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# What ./build.sh demo builds before the demo starts, and what they are built from.
+ARTIFACTS = {
+    "dist/envlane.wasm": ["src", "Cargo.toml", "Cargo.lock"],
+    "target/release/envlane-testapp": ["integration/testapp", "Cargo.lock"],
+    "target/release/envlane-sync": ["sync/src", "src", "Cargo.lock"],
+}
+
+
+def stale_artifacts() -> list[str]:
+    """The demo's build outputs that are missing or older than their sources."""
+    out = []
+    for artifact, sources in ARTIFACTS.items():
+        path = ROOT / artifact
+        if not path.is_file():
+            out.append(f"{artifact} (missing)")
+            continue
+        newest = 0.0
+        for src in sources:
+            s = ROOT / src
+            files = [s] if s.is_file() else [f for f in s.rglob("*") if f.is_file()] if s.is_dir() else []
+            newest = max([newest, *(f.stat().st_mtime for f in files)])
+        if newest > path.stat().st_mtime:
+            out.append(f"{artifact} (older than its sources)")
+    return out
+
+
+def preflight() -> str:
+    """One line for before the build: how long it will take."""
+    stale = stale_artifacts()
+    if not stale:
+        return "envlane demo: everything is built; the demo starts in a few seconds"
+    first = any("missing" in s for s in stale)
+    when = (f"a first build takes {first_build_time()}" if first
+            else "an incremental build takes seconds to a few minutes")
+    return (f"envlane demo: building first ({', '.join(stale)}): {when}; cargo runs quietly, "
+            "the ==> lines say which step runs")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="demo",
@@ -69,11 +108,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--serve", action="store_true",
                     help="after the cases, keep the mesh running and print curl commands (Ctrl-C stops it)")
+    ap.add_argument("--preflight", action="store_true",
+                    help="only say whether a build is due and how long it takes (for build scripts, before building)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse(argv)  # --help prints the help and exits here, before anything starts
+    if args.preflight:
+        print(preflight(), flush=True)
+        return 0
 
     from harness import Mesh  # noqa: E402
     from topologies import ALIBABA, ALIBABA_CASES, load_config  # noqa: E402

@@ -64,3 +64,23 @@ def test_serve_keeps_the_mesh_up_until_ctrl_c():
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_preflight_says_whether_a_build_is_due(tmp_path, monkeypatch):
+    sys.path.insert(0, str(DEMO.parent))
+    import demo
+
+    out = subprocess.run([sys.executable, str(DEMO), "--preflight"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("envlane demo: "), out
+    # Against a tree where nothing is built: a first build, with its time.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lib.rs").write_text("")
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    line = demo.preflight()
+    assert "building first" in line and "dist/envlane.wasm (missing)" in line and demo.first_build_time() in line
+    # Built after its sources: nothing to do for that one.
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "envlane.wasm").write_bytes(b"\0asm")
+    assert not [s for s in demo.stale_artifacts() if s.startswith("dist/envlane.wasm")]
+    os.utime(tmp_path / "src" / "lib.rs", (time.time() + 60, time.time() + 60))
+    assert "dist/envlane.wasm (older than its sources)" in demo.stale_artifacts()
