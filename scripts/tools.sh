@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The chart and monitoring checks' tools, pinned and cached (an explicit setup
-# step: `./build.sh` scripts never install anything behind your back).
+# Tools for the chart and monitoring checks and the image builds, pinned and
+# cached: an explicit setup step (scripts/images.sh installs nothing itself).
 #
 #   scripts/tools.sh helm         build Helm once from its Go module
 #                                 (go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION),
@@ -20,7 +20,7 @@
 #
 # Helm goes to ${XDG_CACHE_HOME:-$HOME/.cache}/envlane/tools/helm-<version>-<go>-<os>-<arch>/helm;
 # a warm rerun only checks the file is there. Prometheus needs apt-get and
-# root (the tests that need it skip, saying so, when it is absent).
+# root; without them the tests that need it fail, naming what to install.
 set -euo pipefail
 
 HELM_VERSION=v3.21.4
