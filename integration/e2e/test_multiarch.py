@@ -27,6 +27,10 @@ def arm_sync(cp, workdir, monkeypatch_module):
     qemu = shutil.which("qemu-aarch64-static")
     if not qemu or not ARM_BIN.is_file():
         pytest.skip("no linux/arm64 envlane-sync or no qemu-aarch64-static (recorded check)")
+    newest = max(f.stat().st_mtime for d in ("sync/src", "src") for f in (REPO / d).rglob("*.rs"))
+    if ARM_BIN.stat().st_mtime < newest:
+        pytest.skip("the linux/arm64 envlane-sync is older than its sources: "
+                    "ENVLANE_SYNC_PLATFORMS=linux/amd64,linux/arm64 scripts/images.sh sync")
     wrapper = workdir / "envlane-sync-arm64"
     wrapper.write_text(f"#!/bin/sh\nexec {qemu} {ARM_BIN} \"$@\"\n")
     wrapper.chmod(0o755)
