@@ -318,3 +318,13 @@ def test_monitoring_objects_are_monitorings():
     want = [d for f in ("servicemonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml")
             for d in docs((ROOT / "monitoring" / f).read_text())]
     assert_same_objects(got, want)
+
+
+def test_packaged_chart_renders_the_same(tmp_path):
+    """`helm package` (what a chart repository serves) keeps every file the render needs."""
+    _run([helm(), "package", str(CHART), "-d", str(tmp_path)], 120)
+    (tgz,) = tmp_path.glob("envlane-*.tgz")
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    assert tgz.name == f"envlane-{version}.tgz"
+    packaged = docs(_run([helm(), "template", "envlane", str(tgz), "-n", NS, *ALL_ON], 120))
+    assert_same_objects(packaged, template(*ALL_ON))
