@@ -316,3 +316,58 @@ def test_a_refused_table_fires_table_rejected(scraped_demo):
                    "EnvlaneTableRejected's expression returns every refusing sidecar", 30)
     assert {r["metric"]["pod"] for r in got} == set(mesh.sidecars), got
     mesh.push(mesh.plugin_config)
+
+
+def test_prometheus_scrapes_demo_serve(tmp_path):
+    """`./build.sh demo --serve` as a user runs it: Prometheus scrapes the
+    endpoints it prints, and the filter panels show the demo's requests."""
+    import os
+    import signal
+    import time
+
+    demo = subprocess.Popen([sys.executable, str(HERE / "demo.py"), "--serve"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ)
+    p = None
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("Ctrl-C to stop" in x for x in lines):
+            line = demo.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        endpoints = re.findall(r"^\s+(\S+)\s+http://(127\.0\.0\.1:\d+)(/stats/prometheus)$", text, re.M)
+        assert len(endpoints) == 5, text
+        p = prom.Prometheus(tmp_path / "prometheus", {"demo": [(addr, path, {"pod": pod}) for pod, addr, path in endpoints]})
+        p.wait_up(len(endpoints))
+        curls = [line.strip() for line in lines if line.strip().startswith("curl -s -H")]
+        start = time.time()
+        for _ in range(5):
+            for curl in curls:
+                subprocess.run(curl, shell=True, capture_output=True, timeout=20, check=True)
+            time.sleep(1)
+        p.wait_value("sum(envlane_decision_fallback)", lambda v: v >= 5, "the demo's fallbacks scraped")
+        for panel in filter_panels():
+            for t in panel["targets"]:
+                assert p.query_range(t["expr"], start, time.time()), f"{panel['title']}: {t['expr']}"
+    finally:
+        if p:
+            p.close()
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
+
+
+def test_monitoring_kustomization_builds_its_files():
+    import test_chart
+
+    built = test_chart.kustomize(MONITORING)
+    files = [d for f in ("servicemonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml")
+             for d in yaml.safe_load_all((MONITORING / f).read_text()) if d]
+    test_chart.assert_same_objects(built, files)
+    (cm,) = [d for d in built if d["kind"] == "ConfigMap"]
+    assert json.loads(cm["data"]["envlane-dashboard.json"]) == dashboard()
