@@ -3,6 +3,7 @@
 //! env level once: O(chain depth).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, ServiceEntry};
@@ -170,6 +171,10 @@ impl RoutingTable {
         // that last used the class and with which env.
         let subset_class = subset_classes(&subsets);
         let mut seen: Vec<(usize, u32)> = vec![(usize::MAX, 0); subsets.len()];
+        // One service's `outbound|PORT|` heads, end offsets into `head_text`
+        // (reused: no allocation per service).
+        let mut head_text = String::new();
+        let mut head_ends: Vec<usize> = Vec::new();
         for (i, entry) in config.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             let fqdn = ServiceHost::try_new(&entry.host)
@@ -181,10 +186,14 @@ impl RoutingTable {
             ports.sort_unstable();
             ports.dedup();
             // `outbound|PORT|`, rendered once per port, not once per target.
-            let heads: Vec<String> = match config.mode {
-                Mode::Cluster => ports.iter().map(|p| format!("outbound|{p}|")).collect(),
-                Mode::Host => Vec::new(),
-            };
+            head_text.clear();
+            head_ends.clear();
+            if config.mode == Mode::Cluster {
+                for p in &ports {
+                    let _ = write!(head_text, "outbound|{p}|");
+                    head_ends.push(head_text.len());
+                }
+            }
             let parts = FqdnParts::of(fqdn.as_str(), &config.cluster_domain);
             if config.mode == Mode::Host && parts.is_none() {
                 return Err(ConfigError::new(
@@ -217,7 +226,10 @@ impl RoutingTable {
                 let first = targets.next_slot()?;
                 match (config.mode, &parts) {
                     (Mode::Cluster, _) => {
-                        for head in &heads {
+                        let mut start = 0;
+                        for &end in &head_ends {
+                            let head = head_text.get(start..end).unwrap_or_default();
+                            start = end;
                             targets.push_cluster(head, subset.as_str(), fqdn.as_str())?;
                         }
                     }

@@ -6,7 +6,8 @@
 //! serde passes to `deserialize_struct`), so they cannot drift from the
 //! schema. The scan is one pass over the bytes, without building a JSON tree.
 
-use std::fmt;
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
@@ -26,7 +27,7 @@ pub fn unknown_fields(json: &[u8]) -> Vec<String> {
     };
     scan.skip_ws();
     if scan.peek() == Some(b'{') {
-        scan.object(Shape::Config, &mut String::new());
+        scan.object(Shape::Config, &mut Vec::new());
     }
     scan.found
 }
@@ -131,13 +132,32 @@ fn push_key(path: &mut String, key: &str) {
     }
 }
 
+/// One step of the path to a value; rendered only for a reported field.
+enum Step<'a> {
+    Key(Cow<'a, str>),
+    Index(usize),
+}
+
+fn render(path: &[Step<'_>]) -> String {
+    let mut out = String::new();
+    for step in path {
+        match step {
+            Step::Key(key) => push_key(&mut out, key),
+            Step::Index(i) => {
+                let _ = write!(out, "[{i}]");
+            }
+        }
+    }
+    out
+}
+
 struct Scan<'a> {
     bytes: &'a [u8],
     at: usize,
     found: Vec<String>,
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.at).copied()
     }
@@ -150,7 +170,7 @@ impl Scan<'_> {
 
     /// At `{`: checks each key against `shape`, descends into known lists.
     /// Returns false when the input ends or is malformed.
-    fn object(&mut self, shape: Shape, path: &mut String) -> bool {
+    fn object(&mut self, shape: Shape, path: &mut Vec<Step<'a>>) -> bool {
         self.at += 1;
         let known = shape.fields();
         loop {
@@ -176,20 +196,24 @@ impl Scan<'_> {
             }
             self.at += 1;
             self.skip_ws();
-            let mark = path.len();
-            push_key(path, &key);
-            let ok = if !known.contains(&key.as_str()) {
+            let ok = if !known.contains(&key.as_ref()) {
                 if self.found.len() < MAX_REPORTED {
-                    self.found.push(path.clone());
+                    path.push(Step::Key(key));
+                    self.found.push(render(path));
+                    path.pop();
                 }
                 self.skip_value()
             } else {
                 match shape.list_of(&key) {
-                    Some(item) if self.peek() == Some(b'[') => self.list(item, path),
+                    Some(item) if self.peek() == Some(b'[') => {
+                        path.push(Step::Key(key));
+                        let ok = self.list(item, path);
+                        path.pop();
+                        ok
+                    }
                     _ => self.skip_value(),
                 }
             };
-            path.truncate(mark);
             if !ok {
                 return false;
             }
@@ -197,7 +221,7 @@ impl Scan<'_> {
     }
 
     /// At `[`: each object element is checked as `shape`.
-    fn list(&mut self, shape: Shape, path: &mut String) -> bool {
+    fn list(&mut self, shape: Shape, path: &mut Vec<Step<'a>>) -> bool {
         self.at += 1;
         let mut index = 0usize;
         loop {
@@ -213,12 +237,9 @@ impl Scan<'_> {
                     continue;
                 }
                 Some(b'{') => {
-                    let mark = path.len();
-                    path.push('[');
-                    path.push_str(&index.to_string());
-                    path.push(']');
+                    path.push(Step::Index(index));
                     let ok = self.object(shape, path);
-                    path.truncate(mark);
+                    path.pop();
                     if !ok {
                         return false;
                     }
@@ -234,7 +255,8 @@ impl Scan<'_> {
     }
 
     /// At `"`: the decoded string (escapes included), after its closing quote.
-    fn string(&mut self) -> Option<String> {
+    /// Borrowed from the input unless it has escapes (no allocation per key).
+    fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.at;
         self.at += 1;
         let mut escaped = false;
@@ -250,13 +272,14 @@ impl Scan<'_> {
                 _ => {}
             }
         }
-        let raw = self.bytes.get(start..self.at)?;
+        let bytes: &'a [u8] = self.bytes;
+        let raw = bytes.get(start..self.at)?;
         if escaped {
-            serde_json::from_slice(raw).ok()
+            serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
         } else {
             std::str::from_utf8(raw.get(1..raw.len().checked_sub(1)?)?)
                 .ok()
-                .map(str::to_string)
+                .map(Cow::Borrowed)
         }
     }
 
