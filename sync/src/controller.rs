@@ -443,12 +443,21 @@ async fn pass<C: Cluster>(
         }
         let empty = HashMap::new();
         let owned_now = state.owned.as_ref().unwrap_or(&empty);
+        // Held out by a failure (not by a foreign object, which is for good):
+        // their other objects stay as they are.
+        let held: HashSet<(String, String)> = state
+            .unwritable
+            .iter()
+            .filter_map(ObjectKey::service)
+            .map(|(ns, svc)| (ns.to_string(), svc.to_string()))
+            .collect();
         let planned = plan(
             &rendered.objects,
             Observed {
                 owned: owned_now,
                 foreign: &state.conflicts,
                 paused: &paused,
+                held: &held,
             },
             cfg.max_object_bytes,
         );
@@ -457,7 +466,7 @@ async fn pass<C: Cluster>(
         let mut newly_blocked = false;
         for obj in &planned.too_large {
             let w = Warning::new(
-                Regarding::namespace(&obj.key.namespace),
+                Regarding::namespace(obj.key.tenant()),
                 Reason::ObjectTooLarge,
                 format!(
                     "{} would be {} bytes, over the {}-byte limit: not written{}",
@@ -540,14 +549,14 @@ async fn pass<C: Cluster>(
                 }
                 Err(e) => {
                     metrics.error(e.kind);
-                    metrics.namespace_write_failed(&key.namespace);
+                    metrics.namespace_write_failed(key.tenant());
                     tracing::warn!(object = %key, error = %e, "write failed; the other namespaces go on");
                     if key.kind != Kind::WasmPlugin && !matches!(write, Write::Delete(_)) {
                         state.unwritable.insert(key.clone());
                     }
-                    if failed_namespaces.insert(key.namespace.clone()) {
+                    if failed_namespaces.insert(key.tenant().to_string()) {
                         let w = Warning::new(
-                            Regarding::namespace(&key.namespace),
+                            Regarding::namespace(key.tenant()),
                             Reason::WriteFailed,
                             format!(
                                 "writing {key} failed: {e}; retrying this namespace with backoff"

@@ -19,9 +19,13 @@ pub struct Observed<'a> {
     pub owned: &'a HashMap<ObjectKey, Option<String>>,
     /// Names held by someone else: never written.
     pub foreign: &'a HashSet<ObjectKey>,
-    /// Namespaces whose writes failed and are backing off: nothing in them is
-    /// written (or deleted) in this pass.
+    /// Namespaces whose writes failed and are backing off: nothing of theirs
+    /// ([`ObjectKey::tenant`]) is written (or deleted) in this pass.
     pub paused: &'a HashSet<String>,
+    /// Services left out of the table because one of their objects cannot
+    /// be written: their other objects are kept as they are, not deleted
+    /// (a failure must not turn into deletions, nor into churn on retry).
+    pub held: &'a HashSet<(String, String)>,
 }
 
 /// One write.
@@ -71,7 +75,12 @@ pub fn plan<'d>(
         owned,
         foreign,
         paused,
+        held,
     } = observed;
+    let is_held = |key: &ObjectKey| {
+        key.service()
+            .is_some_and(|(ns, svc)| held.contains(&(ns.to_string(), svc.to_string())))
+    };
 
     let mut out = Plan::default();
     let mut tables = Vec::new();
@@ -87,7 +96,7 @@ pub fn plan<'d>(
             Some(_) => Write::Update(obj),
             None => Write::Create(obj),
         };
-        if paused.contains(&obj.key.namespace) {
+        if paused.contains(obj.key.tenant()) {
             out.deferred.push(obj.key.clone());
             continue;
         }
@@ -104,10 +113,13 @@ pub fn plan<'d>(
     out.writes.append(&mut tables);
 
     let wanted: HashSet<&ObjectKey> = desired.iter().map(|o| &o.key).collect();
-    let mut stale: Vec<&ObjectKey> = owned.keys().filter(|k| !wanted.contains(k)).collect();
+    let mut stale: Vec<&ObjectKey> = owned
+        .keys()
+        .filter(|k| !wanted.contains(k) && !is_held(k))
+        .collect();
     stale.sort();
     for key in stale {
-        if paused.contains(&key.namespace) {
+        if paused.contains(key.tenant()) {
             out.deferred.push(key.clone());
         } else {
             out.writes.push(Write::Delete(key.clone()));
@@ -153,6 +165,7 @@ mod tests {
         owned: Vec<(ObjectKey, Option<&'static str>)>,
         foreign: Vec<ObjectKey>,
         paused: Vec<&'static str>,
+        held: Vec<(&'static str, &'static str)>,
         writes: Vec<&'static str>,
         too_large: Vec<&'static str>,
         deferred: Vec<&'static str>,
@@ -166,6 +179,7 @@ mod tests {
             owned: vec![],
             foreign: vec![],
             paused: vec![],
+            held: vec![],
             writes: vec![],
             too_large: vec![],
             deferred: vec![],
@@ -270,6 +284,34 @@ mod tests {
                 ],
                 ..case("a namespace backing off is left alone; the others proceed")
             },
+            Case {
+                desired: vec![obj(Wp, "b", "envlane", "t1", 10)],
+                owned: vec![
+                    (key(Ef, "istio-system", "envlane-routes.a.x"), Some("e")),
+                    (key(Ef, "istio-system", "envlane-routes.b.x"), Some("e")),
+                ],
+                paused: vec!["a"],
+                writes: vec![
+                    "create WasmPlugin/b/envlane",
+                    "delete EnvoyFilter/istio-system/envlane-routes.b.x",
+                ],
+                deferred: vec!["EnvoyFilter/istio-system/envlane-routes.a.x"],
+                ..case("a route EnvoyFilter belongs to its Service's namespace, not the root's")
+            },
+            Case {
+                desired: vec![obj(Wp, "a", "envlane", "t1", 10)],
+                owned: vec![
+                    (key(Dr, "a", "envlane-x"), Some("h")),
+                    (key(Ef, "istio-system", "envlane-routes.a.x"), Some("e")),
+                    (key(Dr, "a", "envlane-y"), Some("h")),
+                ],
+                held: vec![("a", "x")],
+                writes: vec![
+                    "create WasmPlugin/a/envlane",
+                    "delete DestinationRule/a/envlane-y",
+                ],
+                ..case("a Service held out of the table keeps its objects")
+            },
         ];
         for c in cases {
             let owned: HashMap<ObjectKey, Option<String>> = c
@@ -279,10 +321,16 @@ mod tests {
                 .collect();
             let foreign: HashSet<ObjectKey> = c.foreign.into_iter().collect();
             let paused: HashSet<String> = c.paused.into_iter().map(String::from).collect();
+            let held: HashSet<(String, String)> = c
+                .held
+                .into_iter()
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .collect();
             let observed = Observed {
                 owned: &owned,
                 foreign: &foreign,
                 paused: &paused,
+                held: &held,
             };
             let p = plan(&c.desired, observed, LIMIT);
             assert_eq!(show(&p), c.writes, "{}: writes", c.name);

@@ -138,6 +138,34 @@ pub struct ObjectKey {
     pub name: String,
 }
 
+impl ObjectKey {
+    /// The Service a DestinationRule or route EnvoyFilter is for:
+    /// `(namespace, name)`.
+    pub fn service(&self) -> Option<(&str, &str)> {
+        match self.kind {
+            Kind::DestinationRule => self
+                .name
+                .strip_prefix(DESTINATION_RULE_PREFIX)
+                .map(|svc| (self.namespace.as_str(), svc)),
+            Kind::EnvoyFilter => self
+                .name
+                .strip_prefix(routes::ENVOY_FILTER_NAME)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .and_then(|rest| rest.split_once('.')),
+            Kind::WasmPlugin | Kind::Service => None,
+        }
+    }
+
+    /// The namespace whose tenant the object serves: a route EnvoyFilter
+    /// lives in Istio's root namespace but belongs to its Service's.
+    pub fn tenant(&self) -> &str {
+        match (self.kind, self.service()) {
+            (Kind::EnvoyFilter, Some((namespace, _))) => namespace,
+            _ => &self.namespace,
+        }
+    }
+}
+
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.kind.kind(), self.namespace, self.name)
@@ -779,9 +807,9 @@ fn object<S: Serialize>(
     // The hash goes in as the first key of `metadata` (`annotations` sorts
     // before `labels`): one serialization instead of a second one.
     let json = match plain.split_once(r#""metadata":{"#) {
-        Some((head, tail)) => format!(
-            r#"{head}"metadata":{{"annotations":{{"{HASH_ANNOTATION}":"{hash}"}},{tail}"#
-        ),
+        Some((head, tail)) => {
+            format!(r#"{head}"metadata":{{"annotations":{{"{HASH_ANNOTATION}":"{hash}"}},{tail}"#)
+        }
         None => plain,
     };
     DesiredObject {

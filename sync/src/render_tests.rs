@@ -283,8 +283,13 @@ fn object_json_is_canonical_and_hashed_without_the_annotation() {
             default_env: Some("dev".into()),
             ..PluginConfig::default()
         });
-        let r = render(&[ns("demo", true)], &alibaba_pods("demo"), &alibaba_services("demo"), &opts)
-            .unwrap();
+        let r = render(
+            &[ns("demo", true)],
+            &alibaba_pods("demo"),
+            &alibaba_services("demo"),
+            &opts,
+        )
+        .unwrap();
         assert!(r.objects.len() > 3);
         for o in &r.objects {
             let mut body = o.body();

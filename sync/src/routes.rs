@@ -389,10 +389,14 @@ mod tests {
             ],
         };
         for scope in [Scope::WholeVhost, Scope::Route("api".into())] {
-            let typed = serde_json::to_string(&RoutePatch::new(&targets, &scope)).unwrap_or_default();
+            let typed =
+                serde_json::to_string(&RoutePatch::new(&targets, &scope)).unwrap_or_default();
             let value = serde_json::to_string(&patch(&targets, &scope)).unwrap_or_default();
             assert_eq!(typed, value);
-            assert!(typed.contains("outbound|8080||go.demo.svc.cluster.local"), "{typed}");
+            assert!(
+                typed.contains("outbound|8080||go.demo.svc.cluster.local"),
+                "{typed}"
+            );
         }
     }
 

@@ -577,6 +577,66 @@ async fn one_namespace_refusing_writes_does_not_stop_the_others() {
     assert!(converged(&fake, &opts).await);
 }
 
+/// A route EnvoyFilter lives in Istio's root namespace but belongs to its
+/// Service's tenant: when the API server refuses it, only that Service stays
+/// out of the table, nothing is deleted (no churn on every retry), and the
+/// other namespaces' changes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_route_filter_holds_only_its_service_and_deletes_nothing() {
+    let (fake, addr) = Fake::start().await;
+    seed(&fake);
+    fake.put("namespaces", ns("shop", true));
+    let opts = options(Mode::Cluster);
+    let run = start(addr, opts.clone(), loop_config(100));
+    assert!(converged(&fake, &opts).await);
+
+    fake.set_failing_writes_in(Some("istio-system"));
+    let writes_before = fake.writes().len();
+    fake.put("services", svc("demo", "php", "php"));
+    fake.put("pods", pod("demo", "php", "dev", true));
+    fake.put("services", svc("shop", "cart", "cart"));
+    fake.put("pods", pod("shop", "cart", "dev", true));
+    // php's and cart's route filters cannot be written: both stay out of the
+    // table, the rest of it is unchanged, and the failure is demo's and
+    // shop's, not istio-system's.
+    assert!(
+        eventually(WAIT, || run.metrics.namespace_write_failures("demo") > 0
+            && run.metrics.namespace_write_failures("shop") > 0)
+        .await
+    );
+    assert_eq!(run.metrics.namespace_write_failures("istio-system"), 0);
+    let p = pairs(&fake, "demo");
+    assert!(
+        p.iter()
+            .all(|l| !l.starts_with("php:") && !l.starts_with("cart:")),
+        "{p:?}"
+    );
+    assert!(p.contains(&"go: dev".to_string()), "{p:?}");
+    // Retries (backoff 50..400 ms) went by; nothing was deleted meanwhile.
+    assert!(
+        eventually(WAIT, || run.metrics.error_count(ErrorKind::Api) >= 4).await,
+        "retried"
+    );
+    let deletes: Vec<_> = fake.writes()[writes_before..]
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(|w| format!("{}/{}/{}", w.resource, w.namespace, w.name))
+        .collect();
+    assert!(deletes.is_empty(), "{deletes:?}");
+
+    fake.set_failing_writes_in(None);
+    assert!(
+        eventually(WAIT, || {
+            let p = pairs(&fake, "demo");
+            p.contains(&"php: dev".to_string()) && p.contains(&"cart: dev".to_string())
+        })
+        .await,
+        "{:?}",
+        pairs(&fake, "demo")
+    );
+    assert!(converged(&fake, &opts).await);
+}
+
 /// Issue 11: /readyz stayed ready while a watch kept failing, so nobody saw
 /// the tables going stale. Now a watch failing for longer than
 /// --watch-stale-after makes it fail, until the watch recovers.
