@@ -49,7 +49,8 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 ISTIO_GROUPS = ("istio.io",)
 
 
@@ -295,7 +296,9 @@ def kustomize_build(path: Path) -> list[dict]:
 def test_base_builds_and_installs_sync():
     docs = kustomize_build(MANIFESTS / "base")
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"])
+    assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "ConfigMap", "Deployment",
+                            "PodDisruptionBudget", "Service"])
     for d in docs:
         if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == "envlane-system", d["kind"]
@@ -395,19 +398,43 @@ def test_sync_deployment_is_hardened_and_pinned():
         assert dep["spec"]["template"]["metadata"]["labels"][key] == value
 
 
+def _verbs(role: dict) -> dict:
+    """(group, resource, resourceNames) -> verbs."""
+    out: dict = {}
+    for rule in role["rules"]:
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                key = (g, r, tuple(rule.get("resourceNames", ())))
+                out.setdefault(key, set()).update(rule["verbs"])
+    return out
+
+
 def test_rbac_is_least_privilege():
-    role = one("ClusterRole", "envlane-sync")
-    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     read = {"get", "list", "watch"}
-    assert verbs == {
-        ("", "namespaces"): read,
-        ("", "pods"): read,
-        ("", "services"): read,
-        ("extensions.istio.io", "wasmplugins"): read | {"create", "patch", "delete"},
-        ("networking.istio.io", "destinationrules"): read | {"create", "patch", "delete"},
-        ("networking.istio.io", "envoyfilters"): read | {"create", "patch", "delete"},
-        ("networking.istio.io", "virtualservices"): read,
+    write = {"create", "patch", "delete"}
+    assert _verbs(one("ClusterRole", "envlane-sync")) == {
+        ("", "namespaces", ()): read,
+        ("", "pods", ()): read,
+        ("", "services", ()): read,
+        ("extensions.istio.io", "wasmplugins", ()): {"list", "watch"},
+        ("extensions.istio.io", "wasmplugins", ("envlane",)): {"get"} | write,
+        ("networking.istio.io", "destinationrules", ()): read | write,
+        ("networking.istio.io", "envoyfilters", ()): read | write,
+        ("networking.istio.io", "virtualservices", ()): read,
+        ("events.k8s.io", "events", ()): {"create"},
     }
+    lease = one("Role", "envlane-sync-leader-election")
+    assert lease["metadata"]["namespace"] == "envlane-system"
+    assert _verbs(lease) == {
+        ("coordination.k8s.io", "leases", ()): {"create"},
+        ("coordination.k8s.io", "leases", ("envlane-sync",)): {"get", "update"},
+    }
+    policy = one("ValidatingAdmissionPolicy", "envlane-sync-writes")
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy["spec"]["matchConditions"][0]["expression"] == \
+        "request.userInfo.username == 'system:serviceaccount:envlane-system:envlane-sync'"
+    assert one("ValidatingAdmissionPolicyBinding", "envlane-sync-writes")["spec"] == {
+        "policyName": "envlane-sync-writes", "validationActions": ["Deny"]}
     host = one("ClusterRole", "envlane-sync-host-mode")
     assert host["rules"] == [{"apiGroups": [""], "resources": ["services"], "verbs": ["create", "patch", "delete"]}]
     for binding in objects_of("ClusterRoleBinding"):
