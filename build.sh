@@ -53,6 +53,8 @@ setup() {
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest
   fi
+  # What scripts/images.sh needs for the envlane-sync image (it installs nothing).
+  scripts/tools.sh image-deps
 }
 
 envoy_bin() {
@@ -127,6 +129,10 @@ e2e() {
   done
   log "control plane binaries (built from Go modules once, then cached)"
   scripts/controlplane.sh build
+  # Helm and Prometheus for the chart and monitoring tests: fetched here,
+  # the suite's network namespace has no network.
+  scripts/tools.sh helm >/dev/null
+  scripts/tools.sh prometheus >/dev/null
   log "real control plane suite (kube-apiserver, istiod, envlane-sync, Envoy sidecars)"
   ENVOY_BIN=$(envoy_bin) integration/e2e/netns.sh python3 -m pytest -q -p no:cacheprovider integration/e2e
 }
