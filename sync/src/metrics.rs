@@ -45,6 +45,7 @@ pub struct Metrics {
     pub table_services: AtomicU64,
     pub table_envs: AtomicU64,
     pub reconciles: AtomicU64,
+    syncs: AtomicU64,
     pub applies: AtomicU64,
     pub deletes: AtomicU64,
     errors_api: AtomicU64,
@@ -136,7 +137,13 @@ impl Metrics {
         if let Ok(mut t) = self.last_sync.lock() {
             *t = Some(Instant::now());
         }
+        self.syncs.fetch_add(1, Relaxed);
         self.ready.store(true, Relaxed);
+    }
+
+    /// Passes that finished (tests wait for one instead of sleeping).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Relaxed)
     }
 
     /// Ready after the first successful sync, or as a standby whose view

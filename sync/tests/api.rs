@@ -224,6 +224,8 @@ async fn initial_sync_waits_for_every_list_then_writes_once() {
             && fake.list_count("services") > 0)
         .await
     );
+    // Absence over a window (the loop is waiting: there is no event to
+    // wait for), not a wait for state to appear.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         fake.write_count(),
@@ -278,9 +280,10 @@ async fn pod_ready_and_unready_within_two_seconds() {
     assert!(converged(&fake, &opts).await);
     assert!(eventually(WAIT, || run.metrics.is_ready()).await);
 
-    // A new, not yet Ready pod: nothing about dev.proj2 is written.
+    // A new, not yet Ready pod: a pass runs and writes nothing about dev.proj2.
+    let syncs = run.metrics.syncs();
     fake.put("pods", pod("demo", "go", "dev.proj2", false));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(eventually(WAIT, || run.metrics.syncs() > syncs).await);
     assert_eq!(pairs(&fake, "demo")[0], "go: dev");
 
     let became_ready = Instant::now();
@@ -461,6 +464,7 @@ async fn dropped_and_expired_watches_resume_or_relist_to_the_same_output() {
     // Relist with nothing new: no write.
     fake.expire_watches();
     assert!(eventually(WAIT, || fake.list_count("pods") > lists + 1).await);
+    // Absence over a window: an unchanged relist triggers no pass at all.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.write_count(), writes);
 }
@@ -472,17 +476,21 @@ async fn api_down_then_back() {
     fake.set_failing(true);
     let opts = options(Mode::Cluster);
     let run = start(addr, opts.clone(), loop_config(100));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(eventually(WAIT, || run.metrics.error_count(ErrorKind::Watch) > 3).await);
     assert_eq!(fake.write_count(), 0);
-    assert!(run.metrics.error_count(ErrorKind::Watch) > 0);
     fake.set_failing(false);
     assert!(converged(&fake, &opts).await);
     assert!(eventually(WAIT, || run.metrics.is_ready()).await);
 
     // Down while a change happens: the writes fail and are retried.
+    let errors = run.metrics.error_count(ErrorKind::Watch);
     fake.set_failing(true);
     fake.put("pods", pod("demo", "go", "dev.proj2", true));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        eventually(WAIT, || run.metrics.error_count(ErrorKind::Watch)
+            > errors + 2)
+        .await
+    );
     assert_ne!(pairs(&fake, "demo")[0], "go: dev,dev.proj2");
     fake.set_failing(false);
     assert!(eventually(WAIT, || pairs(&fake, "demo")[0] == "go: dev,dev.proj2").await);
@@ -680,8 +688,8 @@ async fn restart_gives_the_same_output_without_writing() {
     drop(first);
 
     let second = start(addr, opts.clone(), loop_config(100));
-    assert!(eventually(WAIT, || second.metrics.is_ready()).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Ready = its first pass finished.
+    assert!(eventually(WAIT, || second.metrics.syncs() > 0).await);
     assert_eq!(
         fake.write_count(),
         writes,
@@ -715,8 +723,11 @@ async fn unchanged_routing_means_no_write() {
     plain["metadata"]["name"] = "no-env".into();
     plain["metadata"]["labels"] = json!({"app": "go"});
     fake.put("pods", plain);
-    assert!(eventually(WAIT, || run.metrics.reconciles.load(Relaxed) > reconciles).await);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        eventually(WAIT, || run.metrics.reconciles.load(Relaxed) > reconciles
+            && run.metrics.syncs() >= run.metrics.reconciles.load(Relaxed))
+        .await
+    );
     assert_eq!(
         fake.write_count(),
         writes,
@@ -753,6 +764,7 @@ async fn host_mode_writes_per_env_services_and_cleans_them_up() {
 
     // Our own Services are watched too; they must not feed back into writes.
     let writes = fake.write_count();
+    // Absence over a window: no write may follow the echo of our own writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.write_count(), writes);
 
