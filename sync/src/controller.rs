@@ -423,6 +423,12 @@ async fn pass<C: Cluster>(
         metrics
             .subset_collisions
             .store(rendered.subset_collisions.len() as u64, Relaxed);
+        metrics
+            .pods_not_ready
+            .store(rendered.not_ready.len() as u64, Relaxed);
+        for pod in &rendered.not_ready {
+            tracing::debug!(pod = %pod, "pod not Ready: its env is not counted");
+        }
         for w in &rendered.warnings {
             if !state.warnings_seen.contains(w) {
                 metrics.skipped_pairs.fetch_add(1, Relaxed);

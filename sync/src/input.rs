@@ -6,6 +6,8 @@ use envlane::config::PluginConfig;
 use k8s_openapi::api::core::v1 as corev1;
 use serde_json::Value;
 
+use crate::selector::LabelSelector;
+
 use crate::model::{Namespace, Pod, Service, VirtualService};
 
 #[derive(Debug, Default, Clone)]
@@ -14,6 +16,38 @@ pub struct Snapshot {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub virtual_services: Vec<VirtualService>,
+}
+
+/// Refuses a snapshot `render` would turn into nothing without saying why:
+/// no Kubernetes objects at all, no Namespace objects, or no namespace the
+/// selector opts in.
+pub fn check_snapshot(snap: &Snapshot, selector: &LabelSelector) -> Result<(), String> {
+    let hint = "(want the output of `kubectl get ns,pods,svc,virtualservices -A -o yaml`)";
+    if snap.namespaces.is_empty()
+        && snap.pods.is_empty()
+        && snap.services.is_empty()
+        && snap.virtual_services.is_empty()
+    {
+        return Err(format!(
+            "no Namespace, Pod, Service or VirtualService objects {hint}"
+        ));
+    }
+    if snap.namespaces.is_empty() {
+        return Err(format!(
+            "no Namespace objects: only namespaces opted in by their labels are rendered {hint}"
+        ));
+    }
+    if !snap
+        .namespaces
+        .iter()
+        .any(|ns| !ns.terminating && selector.matches(&ns.labels))
+    {
+        return Err(format!(
+            "none of the {} namespaces is opted in by --namespace-selector {selector}",
+            snap.namespaces.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a YAML or JSON document stream into values (JSON is parsed as

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // Once, plain: the log line would repeat it (with colour codes).
             eprintln!("envlane-sync: {e}");
             ExitCode::FAILURE
         }
@@ -39,6 +39,7 @@ fn init_logging(common: &CommonArgs) -> Result<(), String> {
         .map_err(|e| format!("--log-level: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let done = match common.log_format {
         LogFormat::Text => builder.try_init(),
@@ -139,6 +140,8 @@ fn render_cmd(args: &RenderArgs) -> Result<(), String> {
     let opts = args.common.render_options()?;
     let text = read_input(&args.file)?;
     let snap = input::read_snapshot(&text).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    input::check_snapshot(&snap, &opts.namespace_selector)
+        .map_err(|e| format!("{}: {e}", args.file.display()))?;
     let started = Instant::now();
     let rendered = render::render(
         &snap.namespaces,
@@ -158,6 +161,9 @@ fn render_cmd(args: &RenderArgs) -> Result<(), String> {
     for w in &rendered.warnings {
         tracing::warn!("{w}");
     }
+    for pod in &rendered.not_ready {
+        tracing::debug!(pod = %pod, "pod not Ready: its env is not counted");
+    }
     let yaml = output::to_yaml(&rendered.objects)?;
     std::io::stdout()
         .write_all(yaml.as_bytes())
@@ -165,7 +171,7 @@ fn render_cmd(args: &RenderArgs) -> Result<(), String> {
     if args.stats {
         let s = rendered.stats;
         eprintln!(
-            "render: {:.3} ms for {} namespaces, {} pods, {} services -> {} envs, {} services, {} pairs, {} objects",
+            "render: {:.3} ms for {} namespaces, {} pods, {} services -> {} envs, {} services, {} pairs, {} objects ({} pods not Ready, {} warnings)",
             took.as_secs_f64() * 1000.0,
             snap.namespaces.len(),
             snap.pods.len(),
@@ -173,7 +179,9 @@ fn render_cmd(args: &RenderArgs) -> Result<(), String> {
             s.envs,
             s.services,
             s.pairs,
-            rendered.objects.len()
+            rendered.objects.len(),
+            rendered.not_ready.len(),
+            rendered.warnings.len()
         );
     }
     Ok(())

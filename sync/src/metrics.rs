@@ -56,6 +56,8 @@ pub struct Metrics {
     pub skipped_pairs: AtomicU64,
     /// Current (not cumulative): envs of one Service sharing a subset name.
     pub subset_collisions: AtomicU64,
+    /// Current: pods with an env in opted-in namespaces that are not Ready.
+    pub pods_not_ready: AtomicU64,
     ready: AtomicBool,
     /// A standby (not the leader) whose view of the cluster is complete.
     standby_ready: AtomicBool,
@@ -229,6 +231,11 @@ impl Metrics {
             "envlane_sync_subset_collisions",
             "Groups of envs of one Service that share a subset name, left out of that Service (current table).",
             self.subset_collisions.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_pods_not_ready",
+            "Pods with an env in opted-in namespaces that are not Ready: their envs are not in the table until they are.",
+            self.pods_not_ready.load(Relaxed).to_string(),
         );
         gauge(
             "envlane_sync_table_pairs",

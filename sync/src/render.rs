@@ -249,6 +249,10 @@ pub struct Rendered {
     pub objects: Vec<DesiredObject>,
     /// Sorted.
     pub invalid_labels: Vec<InvalidLabel>,
+    /// Pods with a valid env in opted-in namespaces that are not Ready (or
+    /// terminating), `namespace/name`, sorted: their envs count only once
+    /// they are Ready.
+    pub not_ready: Vec<String>,
     /// Pairs left out for another reason (host mode: per-env Service name
     /// too long; envs of one Service sharing a subset name).
     pub warnings: Vec<Warning>,
@@ -305,6 +309,7 @@ pub fn render<'a>(
 
     // Ready pods with a valid env, by namespace; invalid values reported.
     let mut invalid_labels = Vec::new();
+    let mut not_ready = Vec::new();
     let mut by_namespace: HashMap<&str, Vec<Candidate<'_>>> = HashMap::new();
     for pod in pods {
         if !opted.contains(pod.namespace.as_str()) {
@@ -330,8 +335,11 @@ pub fn render<'a>(
                     labels: &pod.labels,
                     env: value.as_str(),
                 });
+        } else {
+            not_ready.push(format!("{}/{}", pod.namespace, pod.name));
         }
     }
+    not_ready.sort();
     invalid_labels.sort();
     invalid_labels.dedup();
 
@@ -625,6 +633,7 @@ pub fn render<'a>(
         table,
         objects,
         invalid_labels,
+        not_ready,
         warnings,
         subset_collisions,
         stats,

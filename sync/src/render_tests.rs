@@ -1124,3 +1124,24 @@ fn every_rendered_object_follows_each_shared_setting() {
         }
     }
 }
+
+/// Issue 15: pods that were not Ready vanished from the table without a
+/// trace; now render lists them (logged at debug, counted by a gauge).
+#[test]
+fn not_ready_pods_are_listed() {
+    let opts = opts_with(PluginConfig::default());
+    let pods = vec![
+        pod("demo", "go", "dev", true),
+        pod("demo", "go", "dev.proj1", false),
+        pod("other", "go", "dev.proj2", false), // not opted in: not listed
+    ];
+    let r = render(
+        &[ns("demo", true), ns("other", false)],
+        &pods,
+        &[svc("demo", "go", "go", &[8080])],
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(r.not_ready, vec![format!("demo/{}", pods[1].name)]);
+    assert_eq!(pairs(&r), vec!["go.demo.svc.cluster.local [8080]: dev"]);
+}

@@ -229,6 +229,81 @@ fn bad_input_fails_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
 }
 
+/// Issue 15: `render` printed nothing and exited 0 for input it could make
+/// nothing of, printed each error twice, with colour codes into a pipe.
+#[test]
+fn render_refuses_input_it_can_make_nothing_of_in_one_plain_line() {
+    let ns = |labels: &str| {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  labels: {{{labels}}}\n")
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "not Kubernetes",
+            "hello: world\n".into(),
+            "no Namespace, Pod, Service or VirtualService objects",
+        ),
+        (
+            "no namespaces",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: a\n".into(),
+            "no Namespace objects",
+        ),
+        (
+            "none opted in",
+            ns(""),
+            "none of the 1 namespaces is opted in by --namespace-selector envlane.io/enabled=true",
+        ),
+        (
+            "bad YAML on line 2",
+            "apiVersion: v1\nkind: [x\n".into(),
+            "line 2",
+        ),
+    ];
+    for (what, input, says) in cases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_envlane-sync"))
+            .args(["render", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: exit 0");
+        assert!(out.stdout.is_empty(), "{what}: wrote objects");
+        assert!(err.contains(says), "{what}: {err}");
+        assert_eq!(
+            err.matches("envlane-sync:").count(),
+            1,
+            "{what}: printed more than once: {err}"
+        );
+        assert!(
+            !err.contains('\u{1b}'),
+            "{what}: colour codes into a pipe: {err:?}"
+        );
+    }
+    // An opted-in namespace renders (exit 0) even with nothing in it.
+    let out = Command::new(env!("CARGO_BIN_EXE_envlane-sync"))
+        .args(["render", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            std::io::Write::write_all(
+                &mut c.stdin.take().unwrap(),
+                ns("envlane.io/enabled: 'true'").as_bytes(),
+            )?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `validate` is strict where the filter is forgiving: unknown fields and
 /// every limit are errors that name the field.
 #[test]
