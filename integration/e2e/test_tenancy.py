@@ -212,3 +212,30 @@ def test_the_size_guard_sits_below_what_the_api_server_stores(cp, cluster, repli
     print("2 MiB object refused:", str(refused.value)[:300])
     FIGURES["object-size guard"] = (f"{len(json.dumps(ok))} bytes stored by the real API server, "
                                     f"{len(json.dumps(big))} bytes refused")
+
+
+# -- explain and table, live -------------------------------------------------
+
+
+def test_explain_and_table_read_the_live_table(cp, cluster, replicas):
+    """`envlane-sync table -n NS` and `explain -n NS` read the WasmPlugin from
+    the real API server (the admin's kubeconfig, as an operator runs them)."""
+    import subprocess
+
+    from install import SYNC_BIN
+
+    env = {"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"}
+
+    def run(*args: str) -> str:
+        out = subprocess.run([str(SYNC_BIN), *args], capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    table = run("table", "-n", NS)
+    api_line = [line for line in table.splitlines() if line.startswith(f"api.{NS}.")]
+    assert api_line and "dev.one" in api_line[0] and "8080" in api_line[0], table
+    answer = run("explain", "-n", NS, "--authority", f"api.{NS}.svc.cluster.local:8080", "--env", "dev.one.x")
+    assert "dev.one.x: not deployed for this service" in answer, answer
+    assert "dev.one: deployed" in answer, answer
+    assert f"outcome: fallback -> outbound|8080|dev-one|api.{NS}.svc.cluster.local" in answer, answer
+    print(table, answer, sep="\n")

@@ -64,6 +64,52 @@ pub enum Command {
     /// lets envlane-sync's ServiceAccount write only its own objects: the
     /// ownership label, envlane's names, opted-in namespaces.
     AdmissionPolicy(AdmissionPolicyArgs),
+    /// Print a routing table readably: each service with its ports and envs
+    /// by name. From a file (a WasmPlugin's pluginConfig, or the WasmPlugin)
+    /// or live from the cluster (`--namespace`).
+    Table(TableSourceArgs),
+    /// Answer where a request goes and why: the env found (and where), the
+    /// chain of envs tried for the service, the outcome and the cluster, as
+    /// the filter decides it (its own code). Offline from a file or live.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TableSourceArgs {
+    /// A file (`-`: stdin) with the pluginConfig, or a WasmPlugin holding it
+    /// (`kubectl get wasmplugin envlane -n NS -o yaml`).
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        conflicts_with = "namespace"
+    )]
+    pub file: Option<PathBuf>,
+    /// Read the WasmPlugin of this namespace from the cluster (KUBECONFIG or
+    /// in-cluster config).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The WasmPlugin's name (live).
+    #[arg(long, value_name = "NAME", default_value = "envlane")]
+    pub wasm_plugin_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub source: TableSourceArgs,
+    /// The request's `:authority` (`host[:port]`), e.g. `go.demo.svc.cluster.local:8080`.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub authority: String,
+    /// The request's env (sent as the env header).
+    #[arg(long, value_name = "ENV")]
+    pub env: Option<String>,
+    /// Another request header, `name: value` (repeatable): baggage, cookies, aliases.
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// The calling pod's env label (what its sidecar uses without a header).
+    #[arg(long, value_name = "ENV")]
+    pub caller_env: Option<String>,
 }
 
 #[derive(Debug, Args)]

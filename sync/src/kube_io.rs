@@ -129,6 +129,24 @@ pub async fn run(
     tasks.shutdown().await;
 }
 
+/// The `spec.pluginConfig` of a WasmPlugin, read with the default client
+/// configuration (for `envlane-sync table` and `explain`).
+pub async fn plugin_config(namespace: &str, name: &str) -> Result<serde_json::Value, String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("kubernetes client: {e}"))?;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, namespace, &api_resource(Kind::WasmPlugin));
+    let wp = api
+        .get(name)
+        .await
+        .map_err(|e| format!("WasmPlugin {namespace}/{name}: {e}"))?;
+    wp.data
+        .pointer("/spec/pluginConfig")
+        .cloned()
+        .ok_or_else(|| format!("WasmPlugin {namespace}/{name} has no spec.pluginConfig"))
+}
+
 /// The Lease as the election sees it.
 fn lease_record(lease: &coordv1::Lease) -> LeaseRecord {
     let spec = lease.spec.as_ref();

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use envlane_sync::cli::{
-    AdmissionPolicyArgs, Cli, Command, CommonArgs, LogFormat, RenderArgs, RoutePatchesArgs,
-    RunArgs, SettingsArgs, ValidateArgs,
+    AdmissionPolicyArgs, Cli, Command, CommonArgs, ExplainArgs, LogFormat, RenderArgs,
+    RoutePatchesArgs, RunArgs, SettingsArgs, TableSourceArgs, ValidateArgs,
 };
 use envlane_sync::controller::LoopConfig;
 use envlane_sync::metrics::Metrics;
@@ -21,6 +21,8 @@ fn main() -> ExitCode {
         Some(Command::Schema) => print(schema::schema_json()),
         Some(Command::Settings(args)) => settings_cmd(&args),
         Some(Command::AdmissionPolicy(args)) => admission_policy_cmd(&args),
+        Some(Command::Table(args)) => table_cmd(&args),
+        Some(Command::Explain(args)) => explain_cmd(&args),
         Some(Command::Run(args)) => run_cmd(args),
         None => run_cmd(cli.run),
     };
@@ -115,6 +117,57 @@ fn admission_policy_cmd(args: &AdmissionPolicyArgs) -> Result<(), String> {
     let user = format!("system:serviceaccount:{ns}:{name}");
     let docs = envlane_sync::policy::admission_policy(&opts, &user);
     print(serde_json::to_string_pretty(&docs).map_err(|e| e.to_string()))
+}
+
+/// The plugin config from a file (the config itself or a WasmPlugin) or live.
+fn load_table(args: &TableSourceArgs) -> Result<envlane::config::PluginConfig, String> {
+    let (what, value) = match (&args.file, &args.namespace) {
+        (Some(file), _) => {
+            let text = read_input(file)?;
+            let value = input::parse_documents(&text)?
+                .pop()
+                .ok_or_else(|| format!("{}: empty", file.display()))?;
+            (file.display().to_string(), value)
+        }
+        (None, Some(ns)) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("runtime: {e}"))?;
+            let value = runtime.block_on(kube_io::plugin_config(ns, &args.wasm_plugin_name))?;
+            (format!("WasmPlugin {ns}/{}", args.wasm_plugin_name), value)
+        }
+        (None, None) => return Err("give -f FILE or --namespace NS".into()),
+    };
+    let config = value
+        .pointer("/spec/pluginConfig")
+        .cloned()
+        .unwrap_or(value);
+    serde_json::from_value(config).map_err(|e| format!("{what}: not a plugin config: {e}"))
+}
+
+fn table_cmd(args: &TableSourceArgs) -> Result<(), String> {
+    print(Ok(envlane_sync::explain::table_text(&load_table(args)?)))
+}
+
+fn explain_cmd(args: &ExplainArgs) -> Result<(), String> {
+    let config = load_table(&args.source)?;
+    let mut headers = Vec::new();
+    if let Some(env) = &args.env {
+        headers.push((config.env_header.clone(), env.clone()));
+    }
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("--header {h}: want `name: value`"))?;
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    let request = envlane_sync::explain::Request {
+        authority: args.authority.clone(),
+        headers,
+        caller_env: args.caller_env.clone(),
+    };
+    print(envlane_sync::explain::explain(&config, &request))
 }
 
 fn settings_cmd(args: &SettingsArgs) -> Result<(), String> {
