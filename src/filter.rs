@@ -15,18 +15,12 @@
 //! `false`/`None` (the SDK's wrappers panic on statuses they do not expect and
 //! on header bytes that are not UTF-8; a panic aborts the VM).
 //!
-//! Plugins: one VM may serve several plugins (root contexts). Each plugin
-//! name has one [`Root`]; a new config of the same plugin (a new root context
-//! in Envoy) updates that `Root`, so the table it replaces is freed at once
-//! (this module exports no `proxy_on_delete`, so it never hears of a root's
-//! end). A stream is matched to its plugin without `proxy_on_context_create`:
-//! with one plugin in the VM (the usual case) it is that one, else the host's
-//! `plugin_name` property says.
+//! The state between callbacks (plugins by name, debug explanations) is
+//! [`Plugins`], one per VM.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 
-use crate::glue::{Host, Root};
+use crate::glue::{Host, Plugins};
 
 const OK: u32 = 0;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
@@ -263,42 +257,12 @@ fn install_logger() {
     }
 }
 
-/// Debug explanations waiting for their response (at most this many: a
-/// stream that never sees its response headers must not keep one forever).
-const MAX_PENDING_EXPLANATIONS: usize = 256;
-
-/// One plugin (root context name) of this VM.
-struct Plugin {
-    name: Vec<u8>,
-    root: Root,
-}
-
-/// The VM's state. Wasm runs one callback at a time; the `RefCell` is never
-/// borrowed across a callback into this module (the host calls only
-/// `proxy_on_memory_allocate` from inside a host call, which does not touch
-/// it).
-#[derive(Default)]
-struct Vm {
-    plugins: Vec<Plugin>,
-    /// Debug explanations by stream context id, oldest first.
-    explanations: VecDeque<(u32, String)>,
-}
-
-impl Vm {
-    fn plugin_of_stream(&self) -> Option<&Plugin> {
-        match self.plugins.as_slice() {
-            [] => None,
-            [only] => Some(only),
-            several => {
-                let name = Wasm.property(&["plugin_name"])?;
-                several.iter().find(|p| p.name == name)
-            }
-        }
-    }
-}
-
 thread_local! {
-    static VM: RefCell<Vm> = RefCell::new(Vm::default());
+    /// The VM's state. Wasm runs one callback at a time; the `RefCell` is
+    /// never borrowed across a callback into this module (from inside a host
+    /// call the host calls only `proxy_on_memory_allocate`, which does not
+    /// touch it).
+    static VM: RefCell<Plugins> = RefCell::new(Plugins::default());
 }
 
 /// proxy-wasm ABI actions.
@@ -338,24 +302,9 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 /// A (new) config for the plugin of root context `_root_id`.
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(_root_id: u32, size: usize) -> bool {
-    let name = Wasm.property(&["plugin_name"]).unwrap_or_default();
     VM.with(|vm| {
-        let Ok(mut vm) = vm.try_borrow_mut() else {
-            return false;
-        };
-        let at = match vm.plugins.iter().position(|p| p.name == name) {
-            Some(at) => at,
-            None => {
-                vm.plugins.push(Plugin {
-                    name,
-                    root: Root::default(),
-                });
-                vm.plugins.len() - 1
-            }
-        };
-        vm.plugins
-            .get_mut(at)
-            .is_some_and(|p| p.root.configure(&Wasm, size).accepted())
+        vm.try_borrow_mut()
+            .is_ok_and(|mut vm| vm.configure(&Wasm, size))
     })
 }
 
@@ -372,19 +321,8 @@ pub extern "C" fn proxy_on_request_headers(
         return ACTION_CONTINUE;
     }
     VM.with(|vm| {
-        let Ok(mut vm) = vm.try_borrow_mut() else {
-            return;
-        };
-        let Some(plugin) = vm.plugin_of_stream() else {
-            return;
-        };
-        let mut stream = plugin.root.stream();
-        stream.on_request_headers(&Wasm);
-        if let Some(text) = stream.take_explanation() {
-            if vm.explanations.len() >= MAX_PENDING_EXPLANATIONS {
-                vm.explanations.pop_front();
-            }
-            vm.explanations.push_back((context_id, text));
+        if let Ok(mut vm) = vm.try_borrow_mut() {
+            vm.on_request_headers(&Wasm, context_id);
         }
     });
     ACTION_CONTINUE
@@ -398,16 +336,8 @@ pub extern "C" fn proxy_on_response_headers(
     _end_of_stream: bool,
 ) -> u32 {
     VM.with(|vm| {
-        let Ok(mut vm) = vm.try_borrow_mut() else {
-            return;
-        };
-        if vm.explanations.is_empty() {
-            return;
-        }
-        if let Some(at) = vm.explanations.iter().position(|(id, _)| *id == context_id) {
-            if let Some((_, text)) = vm.explanations.remove(at) {
-                crate::glue::Stream::explain(&Wasm, &text);
-            }
+        if let Ok(mut vm) = vm.try_borrow_mut() {
+            vm.on_response_headers(&Wasm, context_id);
         }
     });
     ACTION_CONTINUE

@@ -3,6 +3,7 @@
 //! only module that touches it); tests drive this module with a fake host
 //! that fails, omits and oversizes at will.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::config::{self, DECISION_HEADER, ROUTE_STATE_PROPERTY};
@@ -285,5 +286,90 @@ impl Stream {
     /// Adds the debug response header.
     pub fn explain(host: &impl Host, text: &str) {
         let _ = host.set_response_header(DECISION_HEADER, text.as_bytes());
+    }
+}
+
+/// Debug explanations waiting for their response (at most this many: a
+/// stream that never sees its response headers must not keep one forever).
+pub const MAX_PENDING_EXPLANATIONS: usize = 256;
+
+/// Every plugin (root context) of one VM, by plugin name, and the debug
+/// explanations waiting for their responses. This is the filter's state
+/// between callbacks; `filter.rs` keeps one per VM and hands it each call.
+///
+/// A new config of a plugin (a new root context in Envoy) updates that
+/// plugin's [`Root`], so the table it replaces is freed at once: the module
+/// exports no `proxy_on_delete` and never hears of a root's end. A stream is
+/// matched to its plugin without `proxy_on_context_create`: with one plugin
+/// in the VM (the usual case) it is that one, else the host's `plugin_name`
+/// property says. Nothing is kept per stream unless the debug header asked
+/// for an explanation.
+#[derive(Default)]
+pub struct Plugins {
+    plugins: Vec<(Vec<u8>, Root)>,
+    explanations: VecDeque<(u32, String)>,
+}
+
+impl Plugins {
+    /// `proxy_on_configure`: a (new) config for the calling plugin.
+    pub fn configure(&mut self, host: &impl Host, size: usize) -> bool {
+        let name = host.property(&["plugin_name"]).unwrap_or_default();
+        let at = match self.plugins.iter().position(|(n, _)| *n == name) {
+            Some(at) => at,
+            None => {
+                self.plugins.push((name, Root::default()));
+                self.plugins.len() - 1
+            }
+        };
+        self.plugins
+            .get_mut(at)
+            .is_some_and(|(_, root)| root.configure(host, size).accepted())
+    }
+
+    fn root_of_stream(&self, host: &impl Host) -> Option<&Root> {
+        match self.plugins.as_slice() {
+            [] => None,
+            [(_, only)] => Some(only),
+            several => {
+                let name = host.property(&["plugin_name"])?;
+                several.iter().find(|(n, _)| *n == name).map(|(_, r)| r)
+            }
+        }
+    }
+
+    /// `proxy_on_request_headers` of stream `context_id`.
+    pub fn on_request_headers(&mut self, host: &impl Host, context_id: u32) {
+        let Some(root) = self.root_of_stream(host) else {
+            return;
+        };
+        let mut stream = root.stream();
+        stream.on_request_headers(host);
+        if let Some(text) = stream.take_explanation() {
+            if self.explanations.len() >= MAX_PENDING_EXPLANATIONS {
+                self.explanations.pop_front();
+            }
+            self.explanations.push_back((context_id, text));
+        }
+    }
+
+    /// `proxy_on_response_headers` of stream `context_id`.
+    pub fn on_response_headers(&mut self, host: &impl Host, context_id: u32) {
+        if self.explanations.is_empty() {
+            return;
+        }
+        if let Some(at) = self
+            .explanations
+            .iter()
+            .position(|(id, _)| *id == context_id)
+        {
+            if let Some((_, text)) = self.explanations.remove(at) {
+                Stream::explain(host, &text);
+            }
+        }
+    }
+
+    /// Explanations waiting for their responses.
+    pub fn pending_explanations(&self) -> usize {
+        self.explanations.len()
     }
 }

@@ -11,8 +11,8 @@ use std::rc::Rc;
 use common::alibaba;
 use envlane::config::{Mode, ROUTE_STATE_PROPERTY};
 use envlane::glue::{
-    Configured, Host, Root, COUNTER_CONFIG_INVALID, COUNTER_CONFIG_UNKNOWN_FIELDS,
-    COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV, COUNTER_ROUTE_FAILED,
+    Configured, Host, Plugins, Root, COUNTER_CONFIG_INVALID, COUNTER_CONFIG_UNKNOWN_FIELDS,
+    COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV, COUNTER_ROUTE_FAILED, MAX_PENDING_EXPLANATIONS,
 };
 use envlane::wire::HeaderMap;
 
@@ -489,4 +489,93 @@ fn edge_strips_what_outsiders_must_not_set() {
     run(&clean);
     assert_eq!(*clean.route_cache_cleared.borrow(), 0);
     assert_eq!(clean.header("baggage").as_deref(), Some(&b"user=7"[..]));
+}
+
+/// The alibaba table with env `dev.proj1`'s subset renamed.
+fn alibaba_with_subset(subset: &str) -> String {
+    let mut cfg = alibaba(Mode::Cluster);
+    for env in &mut cfg.envs {
+        if env.name == "dev.proj1" {
+            env.subset = Some(subset.into());
+        }
+    }
+    serde_json::to_string(&cfg).unwrap()
+}
+
+fn plugin_host(name: &str, config: &str) -> Fake {
+    let mut host = Fake::new(config).with_request(JAVA);
+    host.properties
+        .insert("plugin_name".into(), name.as_bytes().to_vec());
+    host
+}
+
+#[test]
+fn plugins_are_updated_in_place_and_streams_find_theirs_by_name() {
+    let java = |subset: &str| format!("outbound|8080|{subset}|java.demo.svc.cluster.local");
+    let mut vm = Plugins::default();
+    let first = plugin_host("envlane", &alibaba_with_subset("one"));
+    assert!(vm.configure(&first, first.config.len()));
+    vm.on_request_headers(&first, 2);
+    assert_eq!(first.routed_to(), Some(java("one")));
+
+    // A new config of the same plugin (a new root context in Envoy) replaces
+    // its table: the next stream uses it.
+    let update = plugin_host("envlane", &alibaba_with_subset("two"));
+    assert!(vm.configure(&update, update.config.len()));
+    vm.on_request_headers(&update, 3);
+    assert_eq!(update.routed_to(), Some(java("two")));
+
+    // A second plugin in the same VM: each stream is matched by plugin_name.
+    let other = plugin_host("other", &alibaba_with_subset("three"));
+    assert!(vm.configure(&other, other.config.len()));
+    for (name, want) in [
+        ("envlane", Some(java("two"))),
+        ("other", Some(java("three"))),
+        ("gone", None),
+    ] {
+        let host = plugin_host(name, "");
+        vm.on_request_headers(&host, 4);
+        assert_eq!(host.routed_to(), want, "{name}");
+    }
+    // Without the property, a VM of several plugins routes nothing.
+    let mut blind = plugin_host("envlane", "");
+    blind.fail.properties = true;
+    vm.on_request_headers(&blind, 5);
+    assert_eq!(blind.routed_to(), None);
+}
+
+#[test]
+fn debug_explanations_wait_for_their_own_response_and_are_bounded() {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.debug = true;
+    let config = serde_json::to_string(&cfg).unwrap();
+    let host =
+        Fake::new(&config).with_request(&[(":authority", b"java:8080"), ("x-envlane-debug", b"1")]);
+    let answered = |h: &Fake| {
+        h.response
+            .borrow()
+            .iter()
+            .any(|(n, _)| n == "x-envlane-decision")
+    };
+    let mut vm = Plugins::default();
+    assert!(vm.configure(&host, host.config.len()));
+    vm.on_request_headers(&host, 7);
+    assert_eq!(vm.pending_explanations(), 1);
+    let other = Fake::new(&config);
+    vm.on_response_headers(&other, 8);
+    assert!(!answered(&other));
+    vm.on_response_headers(&host, 7);
+    assert!(answered(&host));
+    assert_eq!(vm.pending_explanations(), 0);
+    // Streams that never see their response keep at most the bound.
+    for id in 0..(MAX_PENDING_EXPLANATIONS as u32 + 40) {
+        vm.on_request_headers(&host, 100 + id);
+    }
+    assert_eq!(vm.pending_explanations(), MAX_PENDING_EXPLANATIONS);
+    // Without the debug header nothing is kept.
+    let plain = Fake::new(&config).with_request(&[(":authority", b"java:8080")]);
+    let mut vm = Plugins::default();
+    assert!(vm.configure(&plain, plain.config.len()));
+    vm.on_request_headers(&plain, 1);
+    assert_eq!(vm.pending_explanations(), 0);
 }
