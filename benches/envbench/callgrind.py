@@ -84,7 +84,7 @@ def envoy_instructions(variants: list[Variant], workdir: Path, upstream: App, re
                     if v.kind == "A" or v.expect_default:
                         routed = None  # routes to the route's own cluster by design
                     out[v.name] = {"instr_per_req": round(per), "instr_raw_per_req": round(busy / requests),
-                                   "idle_instr_per_s": round(idle / idle_s), "requests": requests, "warmup": warmup,
+                                   "idle_instr_per_s": round(idle / idle_s), "instr_requests": requests, "instr_warmup": warmup,
                                    "routed_to_env_cluster": None if routed is None else round(routed, 4), "seconds": round(time.monotonic() - started, 1)}
                     log(f"instructions: {v.name}: {per:,.0f} per request ({busy / requests:,.0f} before subtracting "
                         f"{idle / idle_s:,.0f}/s idle over {busy_s:.1f} s)" + ("" if routed is None else f"; {routed:.0%} to the env's cluster"))

@@ -102,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results: dict[str, load.Result] = {}
                 load.per_request(args, workdir, upstream, picked, results)
+                during = " ".join(f"{x:.2f}" for x in os.getloadavg())
                 for name, r in results.items():
                     per_run[name] = {"rps": round(r.rps, 1), "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "errors": r.errors,
                                      "requests": r.requests, "envoy_cpu": round(r.envoy_cpu, 3), "cpu_us_per_req": round(r.cpu_us_per_req, 2),
-                                     "routed_ok": r.routed_ok, "rss_mib": round(r.rss_mib, 1), "note": r.note}
+                                     "routed_ok": r.routed_ok, "rss_mib": round(r.rss_mib, 1), "note": r.note, "loadavg": during}
             finally:
                 upstream.close()
         if "instructions" not in args.skip:

@@ -90,7 +90,9 @@ def routed_share(proxy: Proxy, before: dict[str, int]) -> float | None:
     delta = {k: v - before.get(k, 0) for k, v in after.items()}
     expected = {c for _, _, c in proxy.table.requests()}
     if proxy.expect_default:
-        expected = {cluster(i, "dev") for i in proxy.table.hot()}
+        # The route's own cluster: the default route's, or the subset-less
+        # one where the route patch's matcher falls back to it.
+        expected = {cluster(i, "dev") for i in proxy.table.hot()} | {cluster(i) for i in proxy.table.hot()}
     total = sum(delta.values())
     return sum(v for k, v in delta.items() if k in expected) / total if total else 0.0
 

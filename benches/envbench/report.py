@@ -43,7 +43,7 @@ def instructions_table(res: dict) -> list[str]:
     base = runs.get("A", {}).get("instr_per_req")
     c = runs.get("C", {}).get("instr_per_req")
     d = runs.get("D", {}).get("instr_per_req")
-    out = [f"Envoy instructions per request (callgrind, all Envoy threads, {next(iter(runs.values())).get('requests', '?')} sequential "
+    out = [f"Envoy instructions per request (callgrind, all Envoy threads, {next(iter(runs.values())).get('instr_requests', '?')} sequential "
            "requests after warm-up, idle rate subtracted; deterministic, unlike req/s):", "",
            "| variant | instructions/request | vs A | vs C | vs D | to the env's cluster |", "|---|---:|---:|---:|---:|---:|"]
     for name, v in runs.items():
@@ -59,14 +59,14 @@ def load_table(res: dict) -> list[str]:
     runs = {k: v for k, v in res.get("variants", {}).items() if v.get("rps")}
     if not runs:
         return []
-    out = ["Throughput and latency (wrk on loopback; depends on the machine's other load: "
-           f"load average before/after {res.get('loadavg', '?')}):", "",
-           "| run | req/s | p50 µs | p99 µs | p99.9 µs | Envoy CPU µs/req | errors | routed as designed |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["Throughput and latency (wrk on loopback, `--concurrency 1` Envoy on CPU 0; depends on the machine's other load, "
+           "so compare ratios within one run and only from a quiet one):", "",
+           "| run | req/s | p50 µs | p99 µs | p99.9 µs | Envoy CPU µs/req | errors | routed as designed | load average after |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, v in runs.items():
         ok = v.get("routed_ok")
         out.append(f"| {name} | {_n(v.get('rps'))} | {_n(v.get('p50_us'))} | {_n(v.get('p99_us'))} | {_n(v.get('p999_us'))} | "
-                   f"{_n(v.get('cpu_us_per_req'), '.1f')} | {v.get('errors', 0)} | {'–' if ok is None else f'{ok:.0%}'} |")
+                   f"{_n(v.get('cpu_us_per_req'), '.1f')} | {v.get('errors', 0)} | {'–' if ok is None else f'{ok:.0%}'} | {v.get('loadavg', '?')} |")
     out.append("")
     return out
 
@@ -106,7 +106,8 @@ def budgets(res: dict) -> list[str]:
     rps = {k: x.get("rps") for k, x in v.items()}
     if rps.get("A") and rps.get("B"):
         q = rps["B"] / rps["A"]
-        line(q >= 0.80, "throughput B/A ≥ 0.80 (quiet run)", f"{q:.3f} (load average {res.get('loadavg', '?')})")
+        line(q >= 0.80, "throughput B/A ≥ 0.80 (quiet run)", f"{q:.3f} (load average after the run {v['B'].get('loadavg', '?')}: "
+             "valid only if the machine was quiet)")
     else:
         line(None, "throughput B/A ≥ 0.80 (quiet run)", "no wrk run in this results file")
     sizes = [ins.get(k) for k in ("B 10 pairs", "B", "B 100k pairs")]
