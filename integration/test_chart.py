@@ -267,7 +267,7 @@ def test_values_do_what_they_say():
         "--set", "resources.limits.memory=512Mi", "--set", "logLevel=debug", "--set", "extraArgs={--resync=10m}",
         "--set", "nodeSelector.pool=system", "--set", "rbac.create=false", "--set", "serviceAccount.create=false",
         "--set", "serviceMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
-        "--set", "prometheusRule.labels.release=kps", "--set", "defaultEnv=dev",
+        "--set", "prometheusRule.labels.release=kps", "--set", "defaultEnv=base",
     )
     (c,) = dep_of(objs)["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "my.registry/envlane-sync:9.9.9"

@@ -467,11 +467,14 @@ def test_schema_file_is_envlane_sync_schema():
 
 def test_settings_files_are_envlane_sync_settings():
     base = (MANIFESTS / "base" / "settings.json").read_text()
-    assert base == envlane_sync("settings")
+    assert base == envlane_sync("settings", "--settings", "-", stdin=json.dumps(gen_manifests.BASE_SETTINGS))
+    # Issue 15: the install names its default env (without one, requests
+    # without an env reach every env's pods).
+    assert json.loads(base)["defaultEnv"] == "dev"
     host = (MANIFESTS / "overlays" / "host-mode" / "settings.json").read_text()
     assert host == envlane_sync("settings", "--settings", "-", stdin=json.dumps(gen_manifests.HOST_MODE_SETTINGS))
     assert json.loads(host) == {**json.loads(base), **gen_manifests.HOST_MODE_SETTINGS}
-    # The reference objects carry the default settings and no table.
+    # The reference objects carry the install's settings and no table.
     assert one("WasmPlugin", "envlane")["spec"]["pluginConfig"] == json.loads(base)
 
 

@@ -49,14 +49,23 @@ class Api:
 
     def call(self, method: str, path: str, body: dict | None = None,
              content_type: str = "application/json") -> dict:
-        conn = getattr(self.tls, "conn", None)
-        if conn is None:
-            conn = self.tls.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx)
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": "application/json"} | ({"Content-Type": content_type} if data else {})
-        conn.request(method, path, body=data, headers=headers)
-        r = conn.getresponse()
-        raw = r.read()
+        for attempt in (1, 2):
+            conn = getattr(self.tls, "conn", None)
+            if conn is None:
+                conn = self.tls.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx)
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                r = conn.getresponse()
+                raw = r.read()
+                break
+            except (OSError, http.client.HTTPException):
+                # The server closed an idle keep-alive connection: reconnect once.
+                conn.close()
+                self.tls.conn = None
+                if attempt == 2:
+                    raise
         if r.status >= 300 and r.status != 409:
             raise RuntimeError(f"{method} {path}: {r.status} {raw[:300]!r}")
         return json.loads(raw) if raw else {}
@@ -124,8 +133,9 @@ def main(argv: list[str]) -> int:
         d.mkdir()
         sync = EnvlaneSync(cp, d)
         t0 = time.monotonic()
-        sync.start()
         try:
+            # Ready once its first pass has written everything (minutes here).
+            sync.start(ready_within=1800)
             # Written: one WasmPlugin per namespace, holding every pair.
             def written() -> bool:
                 return (sync.metric("envlane_sync_table_pairs") == pairs

@@ -117,7 +117,7 @@ class EnvlaneSync:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> "EnvlaneSync":
+    def start(self, ready_within: float = 60) -> "EnvlaneSync":
         argv = self.argv()
         # As the Deployment's downward API sets them: the pod name is the
         # Lease holder identity and the Events' reportingInstance.
@@ -126,7 +126,7 @@ class EnvlaneSync:
         (self.dir / "envlane-sync.cmd").write_text(" ".join(argv) + "\n")
         self.process = Process("envlane-sync", argv, self.dir, env)
         self.proc = self.process.proc
-        self.wait(lambda: self.http("/readyz")[0] == 200, "envlane-sync /readyz", 60)
+        self.wait(lambda: self.http("/readyz")[0] == 200, "envlane-sync /readyz", ready_within)
         return self
 
     def stop(self) -> None:

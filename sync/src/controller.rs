@@ -426,11 +426,24 @@ async fn pass<C: Cluster>(
         metrics
             .pods_not_ready
             .store(rendered.not_ready.len() as u64, Relaxed);
+        metrics
+            .services_spreading
+            .store(rendered.spreading.len() as u64, Relaxed);
+        // Loud at every pass (each Service also gets one Event): this is how
+        // feature pods end up serving everyone's traffic.
+        if !rendered.spreading.is_empty() {
+            tracing::warn!(
+                services = rendered.spreading.len(),
+                default_env = opts.settings.default_env.as_deref().unwrap_or("(none)"),
+                first = %rendered.spreading.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                "requests without an env spread over every env's pods of these services: deploy the default env there, or set defaultEnv"
+            );
+        }
         for pod in &rendered.not_ready {
             tracing::debug!(pod = %pod, "pod not Ready: its env is not counted");
         }
         for w in &rendered.warnings {
-            if !state.warnings_seen.contains(w) {
+            if !state.warnings_seen.contains(w) && w.reason != Reason::NoDefaultEnv {
                 metrics.skipped_pairs.fetch_add(1, Relaxed);
             }
             warn(cluster, metrics, &mut state.warnings_seen, w.clone()).await;

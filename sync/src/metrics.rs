@@ -58,6 +58,8 @@ pub struct Metrics {
     pub subset_collisions: AtomicU64,
     /// Current: pods with an env in opted-in namespaces that are not Ready.
     pub pods_not_ready: AtomicU64,
+    /// Current: Services whose requests without an env spread over envs.
+    pub services_spreading: AtomicU64,
     ready: AtomicBool,
     /// A standby (not the leader) whose view of the cluster is complete.
     standby_ready: AtomicBool,
@@ -231,6 +233,11 @@ impl Metrics {
             "envlane_sync_subset_collisions",
             "Groups of envs of one Service that share a subset name, left out of that Service (current table).",
             self.subset_collisions.load(Relaxed).to_string(),
+        );
+        gauge(
+            "envlane_sync_services_without_default_env",
+            "Services in the table with no pod of the default env (or no defaultEnv set): requests without an env reach every env's pods.",
+            self.services_spreading.load(Relaxed).to_string(),
         );
         gauge(
             "envlane_sync_pods_not_ready",

@@ -253,6 +253,10 @@ pub struct Rendered {
     /// terminating), `namespace/name`, sorted: their envs count only once
     /// they are Ready.
     pub not_ready: Vec<String>,
+    /// Services in the table without a pod of the default env (or with no
+    /// default env set), `namespace/name`, sorted: requests without an env
+    /// spread over all their envs' pods.
+    pub spreading: Vec<String>,
     /// Pairs left out for another reason (host mode: per-env Service name
     /// too long; envs of one Service sharing a subset name).
     pub warnings: Vec<Warning>,
@@ -522,6 +526,40 @@ pub fn render<'a>(
         with_envs.retain(|(_, envs)| !envs.is_empty());
     }
 
+    // Requests without an env (unlabelled callers, the filter's default)
+    // reach only the default env's pods where it is deployed; elsewhere they
+    // keep the Service's own route: every pod of every env.
+    let default_env = settings.default_env.as_deref();
+    let mut spreading: Vec<String> = with_envs
+        .iter()
+        .filter(|(_, envs)| default_env.is_none_or(|d| !envs.contains(d)))
+        .map(|(svc, _)| format!("{}/{}", svc.namespace, svc.name))
+        .collect();
+    spreading.sort();
+    for (svc, envs) in &with_envs {
+        if default_env.is_some_and(|d| envs.contains(d)) {
+            continue;
+        }
+        warnings.push(Warning::new(
+            Regarding::service(&svc.namespace, &svc.name),
+            Reason::NoDefaultEnv,
+            match default_env {
+                Some(d) => format!(
+                    "service {}/{} has pods of envs {} but none of the default env `{d}`: requests without an env reach every env's pods",
+                    svc.namespace,
+                    svc.name,
+                    envs.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ")
+                ),
+                None => format!(
+                    "service {}/{} has pods of envs {} and no defaultEnv is set: requests without an env reach every env's pods",
+                    svc.namespace,
+                    svc.name,
+                    envs.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        ));
+    }
+
     let used: BTreeSet<&str> = with_envs
         .iter()
         .flat_map(|(_, e)| e.iter().copied())
@@ -634,6 +672,7 @@ pub fn render<'a>(
         objects,
         invalid_labels,
         not_ready,
+        spreading,
         warnings,
         subset_collisions,
         stats,

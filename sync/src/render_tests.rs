@@ -1145,3 +1145,44 @@ fn not_ready_pods_are_listed() {
     assert_eq!(r.not_ready, vec![format!("demo/{}", pods[1].name)]);
     assert_eq!(pairs(&r), vec!["go.demo.svc.cluster.local [8080]: dev"]);
 }
+
+/// Issue 15: with no default env (or none deployed for a Service), requests
+/// without an env reach every env's pods, silently. Now each such Service is
+/// listed and warned about (an Event on it).
+#[test]
+fn services_where_requests_without_an_env_spread_are_reported() {
+    let pods = vec![
+        pod("demo", "go", "dev", true),
+        pod("demo", "go", "dev.proj1", true),
+        pod("demo", "java", "dev.proj1", true),
+    ];
+    let services = [
+        svc("demo", "go", "go", &[8080]),
+        svc("demo", "java", "java", &[8080]),
+    ];
+    let cases: Vec<(Option<&str>, Vec<&str>)> = vec![
+        (None, vec!["demo/go", "demo/java"]),
+        (Some("dev"), vec!["demo/java"]),
+        (Some("dev.proj1"), vec![]),
+    ];
+    for (default_env, want) in cases {
+        let opts = opts_with(PluginConfig {
+            default_env: default_env.map(String::from),
+            ..PluginConfig::default()
+        });
+        let r = render(&[ns("demo", true)], &pods, &services, &opts).unwrap();
+        assert_eq!(r.spreading, want, "{default_env:?}");
+        let warned: Vec<&Warning> = r
+            .warnings
+            .iter()
+            .filter(|w| w.reason == Reason::NoDefaultEnv)
+            .collect();
+        assert_eq!(warned.len(), want.len(), "{default_env:?}");
+        for w in warned {
+            assert_eq!(w.regarding.kind, "Service");
+            assert!(w
+                .message
+                .contains("requests without an env reach every env's pods"));
+        }
+    }
+}

@@ -25,6 +25,9 @@ pub enum Reason {
     WriteFailed,
     /// A pod's env label is not a valid env.
     InvalidEnvLabel,
+    /// A Service with env pods but none of the default env (or no default
+    /// env set): requests without an env spread over every env's pods.
+    NoDefaultEnv,
 }
 
 impl Reason {
@@ -39,6 +42,7 @@ impl Reason {
             Reason::ForeignObject => "ForeignObject",
             Reason::WriteFailed => "WriteFailed",
             Reason::InvalidEnvLabel => "InvalidEnvLabel",
+            Reason::NoDefaultEnv => "NoDefaultEnv",
         }
     }
 }
