@@ -250,8 +250,10 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         }
         _ => None,
     };
-    let explanation = (s.debug && headers.values(&s.debug_header).next().is_some())
-        .then(|| explain(table, &found, service.as_ref(), &resolution));
+    let explanation = (s.debug && headers.values(&s.debug_header).next().is_some()).then(|| {
+        let why = passthrough_reason(table, authority.as_deref(), service.as_ref(), env);
+        explain(table, &found, service.as_ref(), &resolution, why)
+    });
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),
@@ -259,6 +261,26 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         rewrite_authority,
         inject_env,
         explanation,
+    }
+}
+
+/// Why a request passes through untouched (only asked for explanations).
+fn passthrough_reason(
+    table: &RoutingTable,
+    authority: Option<&str>,
+    service: Option<&ServiceRef<'_>>,
+    env: Option<&str>,
+) -> &'static str {
+    match (authority, service) {
+        (None, _) => "no-authority",
+        (Some(a), None) if table.knows_host(a) => "port-not-in-table",
+        (Some(_), None) => "host-not-in-table",
+        (Some(_), Some(svc)) => match table.default_env() {
+            None if env.is_none() => "no-env-and-no-default-env",
+            None => "env-not-deployed-and-no-default-env",
+            Some(id) if svc.target(id).is_none() => "default-env-not-deployed",
+            Some(_) => "-",
+        },
     }
 }
 
@@ -270,6 +292,7 @@ fn explain(
     found: &FoundEnv<'_>,
     service: Option<&ServiceRef<'_>>,
     r: &Resolution<'_>,
+    passthrough_reason: &str,
 ) -> String {
     let mut out = String::with_capacity(160);
     let (env, source) = match &found.env {
@@ -308,5 +331,8 @@ fn explain(
         r.outcome.as_str(),
         r.target.unwrap_or("-")
     );
+    if r.outcome == Outcome::Passthrough {
+        let _ = write!(out, "; why={passthrough_reason}");
+    }
     out
 }

@@ -322,6 +322,15 @@ impl RoutingTable {
         })
     }
 
+    /// Whether the host of `authority` is in the table (on any port): tells
+    /// an unknown host from an unknown port when explaining a passthrough.
+    pub fn knows_host(&self, authority: &str) -> bool {
+        split_authority(authority).is_some_and(|(host, _)| {
+            let host = host.strip_suffix('.').unwrap_or(host);
+            self.hosts.contains_key(host.to_ascii_lowercase().as_str())
+        })
+    }
+
     pub fn env_id(&self, env: &str) -> Option<u32> {
         self.env_ids.get(env).copied()
     }

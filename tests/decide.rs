@@ -5,6 +5,7 @@ mod common;
 use common::{alibaba, compile, config, subset, MapHeaders};
 use envlane::config::{EnvAlias, Mode};
 use envlane::decide::{plan, Outcome};
+use envlane::table::RoutingTable;
 
 /// (env header, authority) → (outcome, chosen env or None).
 #[test]
@@ -455,6 +456,67 @@ fn debug_explanation_names_env_chain_and_target() {
         &MapHeaders::new(&[(":authority", "go:8080"), ("x-virtual-env", "q\u{7f}")]),
     );
     assert_eq!(p.explanation, None, "no debug header, no explanation");
+}
+
+/// Issue 15: `outcome=passthrough` did not say why. Every passthrough now
+/// names its reason.
+#[test]
+fn every_passthrough_says_why() {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.debug = true;
+    let with_default = compile(&cfg, "demo", None);
+    cfg.default_env = None;
+    let without_default = compile(&cfg, "demo", None);
+    cfg.default_env = Some("dev.proj1".into());
+    let default_elsewhere = compile(&cfg, "demo", None);
+    // (table, request headers, the reason the explanation ends with)
+    type Case<'a> = (&'a RoutingTable, &'a [(&'a str, &'a str)], &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            &with_default,
+            &[("x-virtual-env", "dev")],
+            "why=no-authority",
+        ),
+        (
+            &with_default,
+            &[(":authority", "php:8080")],
+            "why=host-not-in-table",
+        ),
+        (
+            &with_default,
+            &[(":authority", "go:9999")],
+            "why=port-not-in-table",
+        ),
+        (
+            &without_default,
+            &[(":authority", "go:8080")],
+            "why=no-env-and-no-default-env",
+        ),
+        (
+            &without_default,
+            &[(":authority", "go:8080"), ("x-virtual-env", "qa")],
+            "why=env-not-deployed-and-no-default-env",
+        ),
+        (
+            &default_elsewhere,
+            &[(":authority", "go:8080")],
+            "why=default-env-not-deployed",
+        ),
+    ];
+    for (table, headers, why) in cases {
+        let mut headers = headers.to_vec();
+        headers.push(("x-envlane-debug", "1"));
+        let p = plan(table, &MapHeaders::new(&headers));
+        assert_eq!(p.outcome, Outcome::Passthrough, "{headers:?}");
+        let line = p.explanation.unwrap_or_default();
+        assert!(line.ends_with(why), "{headers:?}: {line}");
+    }
+    // Not a passthrough: no reason.
+    let p = plan(
+        &with_default,
+        &MapHeaders::new(&[(":authority", "go:8080"), ("x-envlane-debug", "1")]),
+    );
+    assert!(!p.explanation.unwrap_or_default().contains("why="));
 }
 
 /// Header bytes that are not UTF-8 (HTTP/1.1 allows obs-text): an env value
