@@ -92,7 +92,7 @@ def budgets(res: dict) -> list[str]:
     out = ["| budget (issue 13) | verdict | figure |", "|---|---|---|"]
 
     def line(ok: bool | None, what: str, text: str) -> None:
-        out.append(f"| {what} | {'**MET**' if ok else ('**MISSED**' if ok is not None else 'not measured')} | {text} |")
+        out.append(f"| {what} | {'**MET**' if ok else ('**MISSED**' if ok is not None else 'no verdict')} | {text} |")
 
     ins = {k: x.get("instr_per_req") for k, x in v.items()}
     if ins.get("B") and ins.get("D"):
@@ -106,8 +106,10 @@ def budgets(res: dict) -> list[str]:
     rps = {k: x.get("rps") for k, x in v.items()}
     if rps.get("A") and rps.get("B"):
         q = rps["B"] / rps["A"]
-        line(q >= 0.80, "throughput B/A ≥ 0.80 (quiet run)", f"{q:.3f} (load average after the run {v['B'].get('loadavg', '?')}: "
-             "valid only if the machine was quiet)")
+        load = v["B"].get("loadavg", "")
+        busy = not load or float(load.split()[0]) > 1.5  # the benchmark alone keeps ~1.0-1.4
+        line(None if busy else q >= 0.80, "throughput B/A ≥ 0.80 (quiet run)",
+             f"{q:.3f}" + (f" in a busy run (load average {load}): no verdict" if busy else f" (load average {load})"))
     else:
         line(None, "throughput B/A ≥ 0.80 (quiet run)", "no wrk run in this results file")
     sizes = [ins.get(k) for k in ("B 10 pairs", "B", "B 100k pairs")]
