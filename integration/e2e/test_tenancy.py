@@ -239,3 +239,10 @@ def test_explain_and_table_read_the_live_table(cp, cluster, replicas):
     assert "dev.one: deployed" in answer, answer
     assert f"outcome: fallback -> outbound|8080|dev-one|api.{NS}.svc.cluster.local" in answer, answer
     print(table, answer, sep="\n")
+    # The WasmPlugin says what it holds (issue 15: status where kubectl looks).
+    wp = cluster.get(WASM_API, "WasmPlugin", NS, "envlane")
+    notes = wp["metadata"]["annotations"]
+    cfg = wp["spec"]["pluginConfig"]
+    assert notes["envlane.io/table-revision"] == cfg["revision"], notes
+    assert int(notes["envlane.io/table-pairs"]) == sum(len(s["envs"]) for s in cfg["services"]), notes
+    assert int(notes["envlane.io/table-services"]) == len(cfg["services"]), notes

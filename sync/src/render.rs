@@ -29,6 +29,11 @@ pub const WASM_PRIORITY: i64 = 1000;
 pub const SERVICE_LABEL: &str = "envlane.io/service";
 /// Label on route EnvoyFilters naming the namespace of their Service.
 pub const SERVICE_NAMESPACE_LABEL: &str = "envlane.io/service-namespace";
+/// A WasmPlugin's status for operators: its table's revision and size.
+pub const TABLE_REVISION_ANNOTATION: &str = "envlane.io/table-revision";
+pub const TABLE_PAIRS_ANNOTATION: &str = "envlane.io/table-pairs";
+pub const TABLE_SERVICES_ANNOTATION: &str = "envlane.io/table-services";
+pub const TABLE_ENVS_ANNOTATION: &str = "envlane.io/table-envs";
 /// Label on host mode's per-env Services naming their subset.
 pub const SUBSET_LABEL: &str = "envlane.io/subset";
 pub const DEFAULT_WASM_URL: &str = "oci://ghcr.io/envlane/envlane-filter:0.1.0";
@@ -612,12 +617,19 @@ pub fn render<'a>(
     );
     let table_json = serde_json::to_vec(&table).unwrap_or_default();
     let table_hash = format!("{:016x}", fnv1a64(&table_json));
+    let status = TableStatus {
+        revision: table.revision.as_deref().unwrap_or_default(),
+        pairs: stats.pairs.to_string(),
+        services: stats.services.to_string(),
+        envs: stats.envs.to_string(),
+    };
     for ns in &opted {
         objects.push(wasm_plugin(
             ns,
             &plugin_config,
             &table_hash,
             table_json.len(),
+            &status,
             opts,
         ));
     }
@@ -640,6 +652,7 @@ pub fn render<'a>(
                         (SERVICE_LABEL, &svc.name),
                         (SERVICE_NAMESPACE_LABEL, &svc.namespace),
                     ],
+                    &[],
                     &EnvoyFilterSpec {
                         config_patches: patches,
                     },
@@ -830,11 +843,15 @@ struct EnvoyFilterSpec<'a> {
     config_patches: &'a [routes::RoutePatch<'a>],
 }
 
+/// An object with `labels`, `spec` and, besides the content hash (of
+/// everything else), `annotations`: facts derived from what the hash
+/// already covers, for operators (`kubectl get -o yaml`).
 fn object<S: Serialize>(
     kind: Kind,
     namespace: &str,
     name: &str,
     labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
     spec: &S,
 ) -> DesiredObject {
     let mut all: BTreeMap<&str, &str> = labels.iter().copied().collect();
@@ -852,11 +869,14 @@ fn object<S: Serialize>(
     })
     .unwrap_or_default();
     let hash = format!("{:016x}", fnv1a64(plain.as_bytes()));
-    // The hash goes in as the first key of `metadata` (`annotations` sorts
-    // before `labels`): one serialization instead of a second one.
+    // The annotations go in as the first key of `metadata` (`annotations`
+    // sorts before `labels`): one serialization instead of a second one.
+    let mut all_annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+    all_annotations.insert(HASH_ANNOTATION, &hash);
+    let annotations_json = serde_json::to_string(&all_annotations).unwrap_or_default();
     let json = match plain.split_once(r#""metadata":{"#) {
         Some((head, tail)) => {
-            format!(r#"{head}"metadata":{{"annotations":{{"{HASH_ANNOTATION}":"{hash}"}},{tail}"#)
+            format!(r#"{head}"metadata":{{"annotations":{annotations_json},{tail}"#)
         }
         None => plain,
     };
@@ -875,11 +895,20 @@ fn object<S: Serialize>(
 
 /// The content hash covers the table through `table_hash` (the hash of its
 /// JSON), so the large table is serialized once, not once per namespace.
+/// What the WasmPlugin's annotations say about its table.
+struct TableStatus<'a> {
+    revision: &'a str,
+    pairs: String,
+    services: String,
+    envs: String,
+}
+
 fn wasm_plugin(
     namespace: &str,
     plugin_config: &Arc<Value>,
     table_hash: &str,
     table_bytes: usize,
+    status: &TableStatus<'_>,
     opts: &RenderOptions,
 ) -> DesiredObject {
     let mut spec = json!({
@@ -899,6 +928,12 @@ fn wasm_plugin(
         namespace,
         &opts.wasm_plugin_name,
         &[],
+        &[
+            (TABLE_REVISION_ANNOTATION, status.revision),
+            (TABLE_PAIRS_ANNOTATION, &status.pairs),
+            (TABLE_SERVICES_ANNOTATION, &status.services),
+            (TABLE_ENVS_ANNOTATION, &status.envs),
+        ],
         &spec,
     );
     obj.table = Some(Arc::clone(plugin_config));
@@ -936,6 +971,7 @@ fn destination_rule(svc: &Service, pairs: &[(&str, &str)], opts: &RenderOptions)
         &svc.namespace,
         &destination_rule_name(svc),
         &[(SERVICE_LABEL, &svc.name)],
+        &[],
         &spec,
     )
 }
@@ -994,6 +1030,7 @@ fn per_env_service(
         &svc.namespace,
         name,
         &[(SERVICE_LABEL, &svc.name), (SUBSET_LABEL, subset)],
+        &[],
         &spec,
     )
 }
