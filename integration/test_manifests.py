@@ -648,15 +648,37 @@ def test_filter_image_is_reproducible(tmp_path):
 
 
 def check_layout(layout: Path) -> str:
+    """Checks every blob and what each manifest names, following an image
+    index to its per-platform manifests; returns the top digest."""
     assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads((layout / "index.json").read_text())
     (desc,) = index["manifests"]
     for blob in (layout / "blobs" / "sha256").iterdir():
         assert oci.sha256_hex(blob.read_bytes()) == blob.name, f"corrupt blob {blob}"
-    manifest = json.loads((layout / "blobs" / "sha256" / desc["digest"].split(":")[1]).read_bytes())
-    for d in [manifest["config"], *manifest["layers"]]:
-        assert (layout / "blobs" / "sha256" / d["digest"].split(":")[1]).stat().st_size == d["size"]
+
+    def blob(d: dict) -> bytes:
+        data = (layout / "blobs" / "sha256" / d["digest"].split(":")[1]).read_bytes()
+        assert len(data) == d["size"], d
+        return data
+
+    def check(d: dict) -> None:
+        manifest = json.loads(blob(d))
+        if "manifests" in manifest:  # an image index: one manifest per platform
+            for child in manifest["manifests"]:
+                check(child)
+            return
+        for part in [manifest["config"], *manifest["layers"]]:
+            blob(part)
+
+    check(desc)
     return desc["digest"]
+
+
+def platforms(layout: Path) -> set[str]:
+    """`os/arch` of each manifest under the layout's image index."""
+    (desc,) = json.loads((layout / "index.json").read_text())["manifests"]
+    top = json.loads((layout / "blobs" / "sha256" / desc["digest"].split(":")[1]).read_bytes())
+    return {f"{m['platform']['os']}/{m['platform']['architecture']}" for m in top.get("manifests", [])}
 
 
 def test_built_filter_layout_matches_the_pin():
@@ -676,6 +698,10 @@ def test_built_sync_layout():
     if not layout.is_dir():
         pytest.skip("dist/oci/envlane-sync is missing: run ./build.sh images (needs sync/)")
     check_layout(layout)
+    # Issue 15: one index over both platforms; the Deployment pins no arch.
+    assert platforms(layout) == {"linux/amd64", "linux/arm64"}
+    node = one("Deployment", "envlane-sync")["spec"]["template"]["spec"].get("nodeSelector", {})
+    assert "kubernetes.io/arch" not in node, node
 
 
 def fake_elf(interp: bool) -> bytes:

@@ -455,8 +455,8 @@ def deployment(pins: dict) -> dict:
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 10,
-                    # The image is linux/amd64 only.
-                    "nodeSelector": {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+                    # The image is an index over linux/amd64 and linux/arm64.
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
                     "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
                     "volumes": [{"name": "settings", "configMap": {"name": f"{SYNC}-settings"}}],

@@ -12,10 +12,10 @@
 # so: a build without it would not be the pinned image.
 #
 # Platforms of the envlane-sync image: ENVLANE_SYNC_PLATFORMS, default
-# "linux/amd64" (one image); "linux/amd64,linux/arm64" builds both static
-# binaries (x86_64 with musl-gcc, aarch64 with cargo-zigbuild) and writes an
-# OCI image index over the two images (scripts/oci.py), the digest a
-# Deployment pins so that each node pulls its own platform.
+# "linux/amd64,linux/arm64": both static binaries (x86_64 with musl-gcc,
+# aarch64 with cargo-zigbuild) and an OCI image index over the two images
+# (scripts/oci.py), the digest the Deployment pins so that each node pulls
+# its own platform. "linux/amd64" alone gives one image (not the pinned one).
 #
 # Output (see scripts/oci.py): dist/oci/<name>/ (OCI image layout) and
 # dist/<name>.oci.tar for envlane-filter, envlane-filter-artifact, envlane-sync.
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 
 MUSL=x86_64-unknown-linux-musl
 ARM=aarch64-unknown-linux-musl
-PLATFORMS="${ENVLANE_SYNC_PLATFORMS:-linux/amd64}"
+PLATFORMS="${ENVLANE_SYNC_PLATFORMS:-linux/amd64,linux/arm64}"
 what="${1:-all}"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -51,7 +51,7 @@ missing_deps() {
   if [[ ",$PLATFORMS," == *",linux/arm64,"* ]]; then
     grep -qx "$ARM" <<<"$installed" || echo "Rust target $ARM"
     python3 -m ziglang version >/dev/null 2>&1 || echo "zig (pip ziglang)"
-    cargo zigbuild --version >/dev/null 2>&1 || echo "cargo-zigbuild"
+    cargo-zigbuild --version >/dev/null 2>&1 || echo "cargo-zigbuild"
   fi
 }
 

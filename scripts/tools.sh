@@ -99,7 +99,7 @@ cmd_image_deps() {
     log "installing zig $ZIG_VERSION (pip ziglang; the C compiler and linker for linux/arm64)"
     python3 -m pip install --quiet --disable-pip-version-check "ziglang==$ZIG_VERSION" >&2
   fi
-  if [[ "$(cargo zigbuild --version 2>/dev/null | awk '{print $2}')" != "$ZIGBUILD_VERSION" ]]; then
+  if [[ "$(cargo-zigbuild --version 2>/dev/null | awk '{print $2}')" != "$ZIGBUILD_VERSION" ]]; then
     log "installing cargo-zigbuild $ZIGBUILD_VERSION (cargo install --locked)"
     cargo install --locked --quiet "cargo-zigbuild@$ZIGBUILD_VERSION" >&2
   fi

@@ -6,7 +6,7 @@ Prometheus scraping a real envlane-sync and istiod-configured sidecars.
   difference (`kubectl diff` is empty, every object `unchanged`, no
   resourceVersion moves), and a changed value is a difference (not vacuous);
   the host-mode render passes the API server's strict validation;
-* `helm install` (with `--set defaultEnv=dev`, over the deleted base's
+* `helm install` (with `--set settings.baggageKey=lane`, over the deleted base's
   objects) deploys; the setting puts the Deployment on another settings
   ConfigMap; envlane-sync run from the Helm-installed Deployment (its
   arguments, settings and ServiceAccount token) routes alibaba's cases
@@ -125,7 +125,8 @@ def installed(cp, applied):
     without_ns = d / "objects.yaml"
     without_ns.write_text(yaml.safe_dump_all(objs))
     cp.kubectl("delete", "-f", str(without_ns))
-    out = helm(cp, "install", "envlane", str(CHART), "-n", SYSTEM_NS, "--create-namespace", "--set", "defaultEnv=dev")
+    out = helm(cp, "install", "envlane", str(CHART), "-n", SYSTEM_NS, "--create-namespace",
+               "--set", "settings.baggageKey=lane")
     try:
         yield out
     finally:
@@ -175,7 +176,8 @@ def test_settings_changed_with_helm_roll_the_deployment(cp, running):
     dep = sync.deployment()
     cm = dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
     data = json.loads(cp.api("GET", f"/api/v1/namespaces/{SYSTEM_NS}/configmaps/{cm}")["data"]["settings.json"])
-    assert data["defaultEnv"] == "dev"
+    assert data["defaultEnv"] == "dev", "the chart's default env is the base's"
+    assert data["baggageKey"] == "lane"
     base_cm = [d for d in yaml.safe_load_all(cp.kubectl("kustomize", str(BASE)).stdout) if d and d["kind"] == "ConfigMap"][0]
     assert cm != base_cm["metadata"]["name"], "another setting, another ConfigMap: the Deployment rolls"
 
