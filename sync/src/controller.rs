@@ -376,6 +376,8 @@ async fn pass<C: Cluster>(
     state: &mut WriteState,
 ) -> Result<(), PassError> {
     metrics.reconciles.fetch_add(1, Relaxed);
+    // A pass stuck (an API call hanging) makes /readyz fail past the bound.
+    let _running = metrics.pass_started();
     // Objects that are someone else's, too large, refused by the API server
     // in this pass, or in a namespace backing off, are left out of the
     // render (their Services leave the table), so a pass that finds a new

@@ -77,6 +77,8 @@ pub struct Metrics {
     /// Errors further apart than this belong to different runs.
     watch_gap_ms: AtomicU64,
     last_write: Mutex<Option<Instant>>,
+    /// When the pass now running started (`None`: none running).
+    pass_started: Mutex<Option<Instant>>,
     last_sync: Mutex<Option<Instant>>,
 }
 
@@ -180,6 +182,27 @@ impl Metrics {
             }
             run.1 = now;
         }
+    }
+
+    /// A write pass starts; [`PassGuard`] ends it when dropped.
+    pub fn pass_started(&self) -> PassGuard<'_> {
+        if let Ok(mut t) = self.pass_started.lock() {
+            *t = Some(Instant::now());
+        }
+        PassGuard(self)
+    }
+
+    /// How long the running pass has been running, if it is longer than
+    /// the staleness limit: the view the tables are written from is that old.
+    pub fn stuck_pass(&self) -> Option<Duration> {
+        self.stuck_pass_at(Instant::now())
+    }
+
+    fn stuck_pass_at(&self, now: Instant) -> Option<Duration> {
+        let limit = Duration::from_millis(self.watch_stale_after_ms.load(Relaxed));
+        let started = self.pass_started.lock().ok().and_then(|t| *t)?;
+        let running = now.saturating_duration_since(started);
+        (!limit.is_zero() && running > limit).then_some(running)
     }
 
     /// Kinds whose watch has kept failing for longer than the staleness
@@ -356,6 +379,17 @@ impl Metrics {
     }
 }
 
+/// Marks the end of a write pass when dropped (every way out of it).
+pub struct PassGuard<'a>(&'a Metrics);
+
+impl Drop for PassGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.pass_started.lock() {
+            *t = None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +417,23 @@ mod tests {
         off.watch_failed_at("Pod", at(0));
         off.watch_failed_at("Pod", at(100));
         assert!(off.stale_watches_at(at(100)).is_empty());
+    }
+
+    #[test]
+    fn a_pass_running_longer_than_the_limit_is_stuck() {
+        let m = Metrics::default();
+        m.set_watch_staleness(Duration::from_secs(60), Duration::from_secs(60));
+        let now = Instant::now();
+        assert_eq!(m.stuck_pass_at(now), None, "no pass running");
+        let guard = m.pass_started();
+        assert_eq!(m.stuck_pass_at(now + Duration::from_secs(30)), None);
+        assert!(m.stuck_pass_at(now + Duration::from_secs(61)).is_some());
+        drop(guard);
+        assert_eq!(
+            m.stuck_pass_at(now + Duration::from_secs(61)),
+            None,
+            "ended"
+        );
     }
 
     #[test]

@@ -31,6 +31,11 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("watch failing: {}\n", stale.join(", ")),
         )
+    } else if let Some(running) = m.stuck_pass() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("a sync pass has been running for {} s\n", running.as_secs()),
+        )
     } else {
         (StatusCode::OK, "ready\n".to_string())
     }
