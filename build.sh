@@ -158,6 +158,12 @@ case "${1:-build}" in
     python3 scripts/gen_chart.py
     ;;
   demo)
+    # --help answers at once; otherwise say first how long the build takes
+    # (a first one is minutes of quiet compiling).
+    case " ${*:2} " in
+      *" --help "*|*" -h "*) exec python3 integration/demo.py --help ;;
+    esac
+    python3 integration/demo.py --preflight
     build_wasm
     build_native
     ENVOY_BIN=$(envoy_bin) python3 integration/demo.py "${@:2}"
