@@ -543,6 +543,27 @@ async fn pass<C: Cluster>(
             };
             match result {
                 Ok(what) => {
+                    if let Write::Update(o) | Write::Create(o) = &write {
+                        if o.key.kind == Kind::WasmPlugin {
+                            // Where kubectl users look: the table this
+                            // namespace now routes by (best effort).
+                            let stats = rendered.stats;
+                            let note = Warning::new(
+                                Regarding::object(&o.key),
+                                Reason::TableWritten,
+                                format!(
+                                    "table {} written: {} (service, env) pairs, {} services, {} envs",
+                                    rendered.table.revision.as_deref().unwrap_or("-"),
+                                    stats.pairs,
+                                    stats.services,
+                                    stats.envs
+                                ),
+                            );
+                            if let Err(e) = cluster.event(&note).await {
+                                tracing::debug!(error = %e, "could not record the event");
+                            }
+                        }
+                    }
                     let hash = match &write {
                         Write::Update(o) | Write::Create(o) => Some(o.hash.clone()),
                         Write::Delete(_) => None,

@@ -421,10 +421,16 @@ fn event(warning: &Warning, instance: &str) -> eventsv1::Event {
             ..ObjectMeta::default()
         },
         event_time: Some(MicroTime(Timestamp::now())),
-        action: Some("Render".into()),
+        action: Some(
+            match warning.reason {
+                crate::warning::Reason::TableWritten => "Write",
+                _ => "Render",
+            }
+            .into(),
+        ),
         reason: Some(warning.reason.as_str().into()),
         note: Some(note),
-        type_: Some("Warning".into()),
+        type_: Some(warning.reason.event_type().into()),
         reporting_controller: Some(REPORTING_CONTROLLER.into()),
         reporting_instance: Some(instance.into()),
         regarding: Some(corev1::ObjectReference {

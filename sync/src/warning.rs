@@ -28,9 +28,19 @@ pub enum Reason {
     /// A Service with env pods but none of the default env (or no default
     /// env set): requests without an env spread over every env's pods.
     NoDefaultEnv,
+    /// Not a warning: a namespace's table was written (a Normal Event).
+    TableWritten,
 }
 
 impl Reason {
+    /// The Event's `type`: `Normal` for what went as intended.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Reason::TableWritten => "Normal",
+            _ => "Warning",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::HeadlessService => "HeadlessService",
@@ -43,6 +53,7 @@ impl Reason {
             Reason::WriteFailed => "WriteFailed",
             Reason::InvalidEnvLabel => "InvalidEnvLabel",
             Reason::NoDefaultEnv => "NoDefaultEnv",
+            Reason::TableWritten => "TableWritten",
         }
     }
 }

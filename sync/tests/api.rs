@@ -325,6 +325,18 @@ async fn envs_and_namespaces_come_and_go_and_foreign_objects_are_left_alone() {
         foreign["spec"],
         "a foreign object is never written"
     );
+    // Issue 15: each namespace's table write is an Event on its WasmPlugin.
+    assert!(
+        eventually(WAIT, || fake.events().iter().any(
+            |(ns, reason, about, note)| ns == "demo"
+                && reason == "TableWritten"
+                && about == "WasmPlugin/envlane"
+                && note.contains("(service, env) pairs")
+        ))
+        .await,
+        "{:?}",
+        fake.events()
+    );
     // Issue 11: an Event on the foreign object says why its Service is not
     // env-routed.
     assert!(
