@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -110,6 +109,15 @@ class Prometheus:
         wait_for(ok, f"{what} ({expr})", timeout, self.process)
         return self.value(expr) or 0.0
 
+    def wait_next_scrape(self, timeout: float = 30) -> None:
+        """Every target has been scraped again since now: traffic sent before
+        shows up, and a rate() over the window gets another sample."""
+        def last() -> list[float]:
+            return [float(r["value"][1]) for r in self.query("timestamp(up)")]
+        before = max(last() or [0.0])
+        wait_for(lambda: (t := last()) and min(t) > before, "the next scrape of every target",
+                 timeout, self.process)
+
     def close(self) -> None:
         self.process.close()
 
@@ -165,5 +173,3 @@ def draw_dashboard(dashboard: dict, prom: Prometheus, start: float, end: float, 
     return counts
 
 
-def wait_seconds(seconds: float) -> None:
-    time.sleep(seconds)

@@ -277,14 +277,15 @@ def test_filter_panels_show_the_demo(scraped_demo):
             status, _, body = mesh.call("node:8080", {"x-virtual-env": env} if env else {})
             assert (status, body.strip()) == (200, ALIBABA_CASES[env])
         assert mesh.call("node:8080", {"x-virtual-env": "dev..bad"})[0] == 200
-        time.sleep(1)
+        p.wait_next_scrape()  # spread over scrapes: rate() needs two samples
     # What Prometheus holds is what the Envoys count.
     for outcome in ("exact", "fallback", "default"):
         want = envoy_total(mesh, f"wasmcustom.envlane.decision.{outcome}")
         assert want > 0, outcome
         p.wait_value(f"sum(envlane_decision_{outcome})", lambda v, w=want: v == w, f"{outcome} decisions scraped")
     p.wait_value("sum(envlane_env_invalid)", lambda v: v == envoy_total(mesh, "wasmcustom.envlane.env.invalid") > 0, "invalid envs scraped")
-    prom.wait_seconds(2)
+    p.wait_next_scrape()
+    p.wait_next_scrape()
     for panel in filter_panels():
         for t in panel["targets"]:
             result = p.query_range(t["expr"], start, time.time())
@@ -346,7 +347,7 @@ def test_prometheus_scrapes_demo_serve(tmp_path):
         for _ in range(5):
             for curl in curls:
                 subprocess.run(curl, shell=True, capture_output=True, timeout=20, check=True)
-            time.sleep(1)
+            p.wait_next_scrape()
         p.wait_value("sum(envlane_decision_fallback)", lambda v: v >= 5, "the demo's fallbacks scraped")
         for panel in filter_panels():
             for t in panel["targets"]:

@@ -193,13 +193,15 @@ def test_dashboard_and_alerts_on_the_running_mesh(cluster, running):
     sync, mesh, p = running
     start = time.time() - 5
 
-    def traffic(seconds: int) -> None:
-        for i in range(seconds):
+    def traffic(scrapes: int) -> None:
+        """A round of calls between each of `scrapes` scrapes (rate() needs
+        samples across its window)."""
+        for i in range(scrapes):
             for env in ALIBABA_CASES:
                 mesh.call("node", {"x-virtual-env": env} if env else {})
             if i % 2:
                 mesh.call("node", {"x-virtual-env": "dev..bad"})
-            time.sleep(1)
+            p.wait_next_scrape()
 
     traffic(15)
     # The table-size gauges are what envlane-sync says.
