@@ -3,10 +3,15 @@
 //! front (innermost call first), like the apps of alibaba/virtual-environment.
 //!
 //! Serves HTTP/1.1 and h2c (prior knowledge) on one port. The outbound call
-//! copies the propagation headers (`--propagate`) as a traced app would.
+//! copies the propagation headers (`--propagate`) as a traced app would;
+//! `--no-propagate` copies none (an app that forwards nothing).
+//!
+//! `--source-ip` binds the outbound connection to that local address: with
+//! one shared gateway instead of sidecars, each "pod" gets its own loopback
+//! IP (127.0.0.x) and the gateway tells pods apart by the TCP peer address.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -14,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -30,11 +35,13 @@ struct Args {
     /// Header whose value is shown after `<-` (`empty` when absent).
     show: String,
     propagate: Vec<String>,
+    /// Local address of the outbound connection (port chosen by the OS).
+    source_ip: Option<IpAddr>,
 }
 
 fn usage() -> String {
     "usage: envlane-testapp --name N --env E --listen ADDR [--next ADDR --next-host HOST[:PORT]] \
-     [--h2] [--show HEADER] [--propagate H1,H2]"
+     [--h2] [--show HEADER] [--propagate H1,H2 | --no-propagate] [--source-ip IP]"
         .into()
 }
 
@@ -48,11 +55,16 @@ fn parse_args() -> Result<Args, String> {
         h2: false,
         show: "x-virtual-env".into(),
         propagate: vec!["x-virtual-env".into(), "baggage".into()],
+        source_ip: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--h2" {
             a.h2 = true;
+            continue;
+        }
+        if flag == "--no-propagate" {
+            a.propagate.clear();
             continue;
         }
         let value = it.next().ok_or_else(usage)?;
@@ -63,6 +75,9 @@ fn parse_args() -> Result<Args, String> {
             "--next" => a.next = Some(value.parse().map_err(|e| format!("--next: {e}"))?),
             "--next-host" => a.next_host = value,
             "--show" => a.show = value.to_ascii_lowercase(),
+            "--source-ip" => {
+                a.source_ip = Some(value.parse().map_err(|e| format!("--source-ip: {e}"))?)
+            }
             "--propagate" => {
                 a.propagate = value
                     .split(',')
@@ -86,7 +101,7 @@ async fn call_next(
     next: SocketAddr,
     incoming: &Request<Incoming>,
 ) -> Result<String, String> {
-    let stream = TcpStream::connect(next)
+    let stream = connect(next, args.source_ip)
         .await
         .map_err(|e| format!("connect {next}: {e}"))?;
     let io = TokioIo::new(stream);
@@ -130,6 +145,19 @@ async fn call_next(
             args.next_host
         ))
     }
+}
+
+/// Connects to `next`, from `source` when given (any port).
+async fn connect(next: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(next).await;
+    };
+    let socket = match ip {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(next).await
 }
 
 async fn handle(args: Rc<Args>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
