@@ -7,6 +7,7 @@
 #   ./build.sh wasm       only the Wasm filter
 #   ./build.sh images     the filter, then the OCI images
 #   ./build.sh demo       build the filter, then run the local multi-pod demo in real Envoy
+#   ./build.sh demo gateway  the same demo with no sidecars: one gateway Envoy routes every hop
 #   ./build.sh test       run every test (lints, native, real-Envoy integration, manifests,
 #                         then the e2e suite below)
 #   ./build.sh e2e        the real-control-plane suite: builds (once, cached) etcd,
@@ -158,15 +159,19 @@ case "${1:-build}" in
     python3 scripts/gen_chart.py
     ;;
   demo)
+    # `./build.sh demo gateway`: the same cases through one gateway Envoy,
+    # no sidecars (integration/demo_gateway.py); it builds the same things.
+    demo_py=integration/demo.py
+    if [ "${2:-}" = gateway ]; then demo_py=integration/demo_gateway.py; shift; fi
     # --help answers at once; otherwise say first how long the build takes
     # (a first one is minutes of quiet compiling).
     case " ${*:2} " in
-      *" --help "*|*" -h "*) exec python3 integration/demo.py --help ;;
+      *" --help "*|*" -h "*) exec python3 "$demo_py" --help ;;
     esac
     python3 integration/demo.py --preflight
     build_wasm
     build_native
-    ENVOY_BIN=$(envoy_bin) python3 integration/demo.py "${@:2}"
+    ENVOY_BIN=$(envoy_bin) python3 "$demo_py" "${@:2}"
     ;;
   test)
     build_wasm

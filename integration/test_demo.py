@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "integration" / "demo.py"
+GATEWAY_DEMO = ROOT / "integration" / "demo_gateway.py"  # ./build.sh demo gateway
 
 
 def test_help_prints_help_and_runs_nothing():
@@ -84,3 +85,57 @@ def test_preflight_says_whether_a_build_is_due(tmp_path, monkeypatch):
     assert not [s for s in demo.stale_artifacts() if s.startswith("dist/envlane.wasm")]
     os.utime(tmp_path / "src" / "lib.rs", (time.time() + 60, time.time() + 60))
     assert "dist/envlane.wasm (older than its sources)" in demo.stale_artifacts()
+
+
+def test_gateway_demo_help_prints_help_and_runs_nothing():
+    out = subprocess.run([sys.executable, str(GATEWAY_DEMO), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "./build.sh demo gateway" in out.stdout and "How to read the output" in out.stdout
+    assert "source=caller" in out.stdout
+    assert "mesh up in" not in out.stdout, "--help must not start the demo"
+
+
+def test_gateway_demo_routes_every_case_through_one_envoy():
+    out = subprocess.run([sys.executable, str(GATEWAY_DEMO)], capture_output=True, text=True, timeout=180, env=os.environ)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "starting 7 app pods (each on its own loopback IP) and 1 gateway Envoy" in out.stdout
+    assert "BAD" not in out.stdout
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "9/9 requests routed as expected", lines[-1]
+    # The caller-table cases: no header, the env from the caller's source IP.
+    caller_cases = [line for line in lines if re.match(r"ok  \(no header\) from 127\.0\.0\.\d+, labelled ", line)]
+    assert len(caller_cases) == 3, out.stdout
+    assert re.search(r"first hop decision: +env=dev\.proj1; source=caller; ", out.stdout), out.stdout
+
+
+def test_gateway_demo_serve_prints_curl_commands_that_work():
+    p = subprocess.Popen([sys.executable, str(GATEWAY_DEMO), "--serve"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=os.environ)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        text = "".join(lines)
+        assert "Ctrl-C to stop" in text, text
+        # No header, from the dev.proj2 caller's IP: its env from the caller table.
+        curl = next(line.split("#")[0].strip() for line in lines if line.strip().startswith("curl")
+                    and "--interface" in line and "caller dev.proj2" in line)
+        body = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+        assert body == "[springboot @ dev] <-dev.proj2, [go @ dev.proj2] <-dev.proj2, [node @ dev] <-dev.proj2", body
+        prom_url = re.search(r"gateway\s+(http://\S+/stats/prometheus)", text).group(1)
+        metrics = subprocess.run(["curl", "-s", prom_url], capture_output=True, text=True, timeout=20).stdout
+        assert re.search(r"^envlane_decision_exact\{\} [1-9]", metrics, re.M), metrics[-2000:]
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=60)[0]
+        assert p.returncode == 0, rest
+        assert "requests routed as expected" in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
