@@ -16,7 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
-ALL_TARGETS=(config env baggage cookie authority header_map)
+ALL_TARGETS=(config env baggage cookie authority header_map caller)
 
 SECS="${1:-600}"
 if [[ $# -gt 0 ]]; then shift; fi

@@ -21,6 +21,9 @@ pub const DECISION_HEADER: &str = "x-envlane-decision";
 pub const ROUTE_STATE_PROPERTY: &str = "envlane_route";
 /// The filter-state key the route patch's matcher reads.
 pub const ROUTE_STATE_KEY: &str = "wasm.envlane_route";
+/// Placeholder of an edge rule's `previewHost`: the env, as one or more DNS
+/// labels (`{env}.preview.example.com`).
+pub const PREVIEW_ENV_PLACEHOLDER: &str = "{env}";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_HOST_TEMPLATE: &str = "{name}-{subset}.{namespace}.svc.{clusterDomain}";
 
@@ -72,6 +75,33 @@ pub enum Mode {
     Cluster,
     /// Rewrite `:authority` to a per-env Service host made from `hostTemplate`.
     Host,
+}
+
+/// Where the filter runs, which says where a request's env may come from
+/// besides the request itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum Proxy {
+    /// In the caller's pod: a request without an env gets the pod's own env
+    /// label (`envLabel`, from node metadata).
+    #[default]
+    Sidecar,
+    /// A shared router carrying many pods' east-west traffic (a centralized
+    /// gateway): the proxy has no env of its own; a request without an env
+    /// gets its caller's, looked up by source address in `callers`.
+    Gateway,
+    /// An Istio ambient waypoint: like `gateway`, and the caller may also be
+    /// found by the (namespace, workload) the waypoint knows for its peer
+    /// (`callerWorkloads`).
+    Waypoint,
+}
+
+impl Proxy {
+    /// Shared proxies have no env of their own.
+    pub fn is_shared(self) -> bool {
+        !matches!(self, Self::Sidecar)
+    }
 }
 
 /// The WasmPlugin's `pluginConfig`: what the filter reads and envlane-sync
@@ -138,6 +168,38 @@ pub struct PluginConfig {
     #[serde(default, skip_serializing_if = "is_false")]
     #[cfg_attr(feature = "schema", schemars(extend("default" = false)))]
     pub edge: bool,
+    /// Where the filter runs (see [`Proxy`]).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub proxy: Proxy,
+    /// Shared proxies: the env of each caller pod, by pod IP (the TCP peer's
+    /// address, never a header). Only Ready pods; an IP held by pods of
+    /// different envs is left out.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::callers"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_CALLER_IPS)))]
+    pub callers: Vec<CallerEntry>,
+    /// Waypoints: the env of each caller workload, by (namespace, workload
+    /// name), for peers the waypoint knows by identity rather than address.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::caller_workloads"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_CALLER_WORKLOADS)))]
+    pub caller_workloads: Vec<CallerWorkloadEntry>,
+    /// With `edge`: rules that give a request entering the mesh its env,
+    /// tried in order (first match wins) before the request is cleaned of
+    /// what outsiders must not set.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::edge_rules"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_EDGE_RULES)))]
+    pub edge_rules: Vec<EdgeRule>,
     /// Kubernetes cluster domain, used to resolve short service names.
     #[serde(default = "default_cluster_domain")]
     #[cfg_attr(feature = "schema", schemars(length(max = MAX_DNS_NAME_LEN), pattern(DNS_NAME_PATTERN)))]
@@ -173,6 +235,10 @@ impl Default for PluginConfig {
             debug_header: default_debug_header(),
             debug: false,
             edge: false,
+            proxy: Proxy::Sidecar,
+            callers: Vec::new(),
+            caller_workloads: Vec::new(),
+            edge_rules: Vec::new(),
             cluster_domain: default_cluster_domain(),
             host_template: default_host_template(),
             revision: None,
@@ -234,6 +300,80 @@ pub struct ServiceEntry {
     pub envs: Vec<u32>,
 }
 
+/// Caller pods of one env, by IP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
+#[serde(rename_all = "camelCase")]
+pub struct CallerEntry {
+    /// Index into `envs`.
+    pub env: u32,
+    /// IPv4 or IPv6 addresses, as Kubernetes writes `status.podIPs`.
+    #[serde(deserialize_with = "crate::limits::caller_ips")]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_CALLER_IPS)))]
+    pub ips: Vec<String>,
+}
+
+/// Caller workloads of one env in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
+#[serde(rename_all = "camelCase")]
+pub struct CallerWorkloadEntry {
+    /// Index into `envs`.
+    pub env: u32,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_DNS_LABEL_LEN)))]
+    pub namespace: String,
+    /// Workload names as Istio reports them (a Deployment's name).
+    #[serde(deserialize_with = "crate::limits::caller_workload_names")]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_CALLER_WORKLOADS)))]
+    pub workloads: Vec<String>,
+}
+
+/// One rule of env assignment at the edge. Exactly one input: `header`,
+/// `cookie` or `previewHost`. A header or cookie rule gives `env` when the
+/// value is one of `values` (e.g. a list of user ids) or falls in the
+/// stable `percent` share of values (by a hash, the same value always in or
+/// out). A `previewHost` rule reads the env from the request's host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeRule {
+    /// The env given (header and cookie rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = crate::names::MAX_ENV_LEN)))]
+    pub env: Option<String>,
+    /// Request header to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(TOKEN_PATTERN)))]
+    pub header: Option<String>,
+    /// Cookie to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(COOKIE_NAME_PATTERN)))]
+    pub cookie: Option<String>,
+    /// Exact values that match.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::rule_values"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_RULE_VALUES)))]
+    pub values: Vec<String>,
+    /// Share of values that match, 0 to 100 (hundredths count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0.0, max = 100.0)))]
+    pub percent: Option<f64>,
+    /// A host template with `{env}` once, e.g. `{env}.preview.example.com`:
+    /// a request for `dev.proj1.preview.example.com` gets env `dev.proj1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_DNS_NAME_LEN)))]
+    pub preview_host: Option<String>,
+}
+
+// `percent` is a float: compared as written, never NaN after parsing JSON.
+impl Eq for EdgeRule {}
+
 fn default_env_header() -> String {
     DEFAULT_ENV_HEADER.into()
 }
@@ -257,6 +397,9 @@ fn default_true() -> bool {
 }
 fn is_false(b: &bool) -> bool {
     !*b
+}
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The JSON Schema (draft 2020-12) of [`PluginConfig`], as `envlane-sync

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::config::Mode;
+use crate::config::{Mode, Proxy};
 use crate::names::{check_env, Chain};
 use crate::sources::{baggage_value, cookie_value};
 use crate::table::{split_authority, AliasSource, RoutingTable, ServiceRef};
@@ -29,13 +29,51 @@ fn texts<'h>(headers: &'h impl Headers, name: &'h str) -> impl Iterator<Item = &
         .filter_map(|v| std::str::from_utf8(v).ok())
 }
 
+/// What a shared proxy (gateway, waypoint) knows of a request's caller. Read
+/// only when the request carries no env: each answer is a host call.
+pub trait Caller {
+    /// The TCP peer's address as Envoy writes it (`10.244.1.5:43210`).
+    fn address(&self) -> Option<String>;
+    /// The peer's (namespace, workload), when the proxy knows it by identity.
+    fn workload(&self) -> Option<(String, String)>;
+}
+
+/// A caller nothing is known of (sidecars, tools).
+pub struct NoCaller;
+
+impl Caller for NoCaller {
+    fn address(&self) -> Option<String> {
+        None
+    }
+    fn workload(&self) -> Option<(String, String)> {
+        None
+    }
+}
+
+/// A caller known by address only (tests, `envlane-sync explain`).
+pub struct CallerAt<'a>(pub &'a str);
+
+impl Caller for CallerAt<'_> {
+    fn address(&self) -> Option<String> {
+        Some(self.0.to_string())
+    }
+    fn workload(&self) -> Option<(String, String)> {
+        None
+    }
+}
+
 /// Where the env came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Header,
     Baggage,
     Alias,
+    /// The sidecar's own pod label.
     Label,
+    /// A shared proxy's caller table.
+    Caller,
+    /// An edge rule.
+    Edge,
 }
 
 impl Source {
@@ -45,6 +83,8 @@ impl Source {
             Self::Baggage => "baggage",
             Self::Alias => "alias",
             Self::Label => "label",
+            Self::Caller => "caller",
+            Self::Edge => "edge-rule",
         }
     }
 }
@@ -138,8 +178,9 @@ pub struct Plan<'t> {
     pub route_to_cluster: Option<&'t str>,
     /// Host mode: new `:authority`.
     pub rewrite_authority: Option<String>,
-    /// Add the env header with this value (auto-inject of the pod's own env).
-    pub inject_env: Option<&'t str>,
+    /// Add the env header with this value (auto-inject of the pod's own or
+    /// the caller's env, or the env an edge rule gave).
+    pub inject_env: Option<Cow<'t, str>>,
     /// Present when `debug` is on and the request asked with the debug header.
     pub explanation: Option<String>,
 }
@@ -163,9 +204,14 @@ pub struct FoundEnv<'a> {
     pub env_header_present: bool,
 }
 
-/// Looks for the env: header, baggage, aliases, then the pod's own label.
-/// The first valid value wins; invalid values are noted and skipped.
-pub fn find_env<'a>(table: &'a RoutingTable, headers: &'a impl Headers) -> FoundEnv<'a> {
+/// Looks for the env: header, baggage, aliases, then the pod's own label
+/// (sidecars) or the caller table (shared proxies). The first valid value
+/// wins; invalid values are noted and skipped.
+pub fn find_env<'a>(
+    table: &'a RoutingTable,
+    headers: &'a impl Headers,
+    caller: &impl Caller,
+) -> FoundEnv<'a> {
     let s = &table.settings;
     let mut found = FoundEnv {
         env: None,
@@ -207,14 +253,63 @@ pub fn find_env<'a>(table: &'a RoutingTable, headers: &'a impl Headers) -> Found
     }
     if let Some(own) = &s.own_env {
         found.env = Some((Cow::Borrowed(own.as_str()), Source::Label));
+    } else if let Some(id) = caller_env(table, caller) {
+        found.env = table
+            .env_name(id)
+            .map(|name| (Cow::Borrowed(name.as_str()), Source::Caller));
     }
     found
 }
 
-/// The whole decision for one request.
+/// The caller's env from the caller table. A waypoint knows its peer by
+/// identity (mTLS) as well as by address: identity first.
+fn caller_env(table: &RoutingTable, caller: &impl Caller) -> Option<u32> {
+    let callers = table.callers();
+    if !table.settings.proxy.is_shared() || callers.is_empty() {
+        return None;
+    }
+    let by_workload = || {
+        let (namespace, name) = caller.workload()?;
+        callers.env_of_workload(&namespace, &name)
+    };
+    let by_address = || callers.env_of_address(&caller.address()?);
+    match table.settings.proxy {
+        Proxy::Waypoint => by_workload().or_else(by_address),
+        _ => by_address(),
+    }
+}
+
+/// The env at the edge: only what a rule gives (everything a request
+/// brings is an outsider's and is removed).
+fn edge_env<'t>(table: &'t RoutingTable, headers: &impl Headers) -> FoundEnv<'t> {
+    FoundEnv {
+        env: table
+            .edge_rules()
+            .assign(headers, table.settings.splitter)
+            .map(|a| (Cow::Owned(a.env), Source::Edge)),
+        invalid: None,
+        env_header_present: false,
+    }
+}
+
+/// The whole decision for one request, from a caller nothing is known of.
 pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
+    plan_for(table, headers, &NoCaller)
+}
+
+/// The whole decision for one request. At the edge the env is what a rule
+/// gives; elsewhere it is found in the request, then the caller.
+pub fn plan_for<'t>(
+    table: &'t RoutingTable,
+    headers: &impl Headers,
+    caller: &impl Caller,
+) -> Plan<'t> {
     let s = &table.settings;
-    let found = find_env(table, headers);
+    let found = if s.edge {
+        edge_env(table, headers)
+    } else {
+        find_env(table, headers, caller)
+    };
     let env = found.env.as_ref().map(|(e, _)| e.as_ref());
     let authority = first(headers, ":authority");
     let service = authority.as_deref().and_then(|a| table.service(a));
@@ -245,12 +340,21 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
         (_, None) => (None, None),
     };
     let inject_env = match &found.env {
+        // The edge removed whatever the request brought: the rule's env is
+        // the one the mesh sees.
+        Some((env, Source::Edge)) => Some(Cow::Owned(env.to_string())),
         Some((_, Source::Label)) if s.auto_inject && !found.env_header_present => {
-            s.own_env.as_ref().map(|e| e.as_str())
+            s.own_env.as_ref().map(|e| Cow::Borrowed(e.as_str()))
         }
+        Some((env, Source::Caller)) if s.auto_inject && !found.env_header_present => table
+            .env_id(env)
+            .and_then(|id| table.env_name(id))
+            .map(|e| Cow::Borrowed(e.as_str())),
         _ => None,
     };
-    let explanation = (s.debug && headers.values(&s.debug_header).next().is_some()).then(|| {
+    // Never at the edge: the debug header there is an outsider's.
+    let asked = !s.edge && s.debug && headers.values(&s.debug_header).next().is_some();
+    let explanation = asked.then(|| {
         let why = passthrough_reason(table, authority.as_deref(), service.as_ref(), env);
         explain(table, &found, service.as_ref(), &resolution, why)
     });

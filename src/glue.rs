@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::config::{self, DECISION_HEADER, ROUTE_STATE_PROPERTY};
-use crate::decide::{plan, Outcome};
+use crate::decide::{plan_for, Caller, Outcome};
 use crate::edge::{edge_plan, Rewrite};
 use crate::limits::MAX_CONFIG_BYTES;
 use crate::table::{Node, RoutingTable};
@@ -215,13 +215,13 @@ impl Stream {
             log::warn!("envlane: malformed request header map from the host");
             return;
         };
-        if table.settings.edge {
-            self.strip_at_edge(host, &table, &request);
-            return;
-        }
-        let plan = plan(&table, &request);
+        // The peer is read only if the request carries no env and this is a
+        // shared proxy with a caller table.
+        let plan = plan_for(&table, &request, &PeerOf(host));
         let s = &table.settings;
-        let mut changed = false;
+        // At the edge the rules read the request as it came; what outsiders
+        // must not set goes before the env a rule gave is added.
+        let mut changed = s.edge && self.strip_at_edge(host, &table, &request);
         if let Some(cluster) = plan.route_to_cluster {
             // Only this filter writes `wasm.*` state: no request header can
             // make envlane's route patch pick a cluster.
@@ -248,10 +248,16 @@ impl Stream {
         self.explanation = plan.explanation;
     }
 
-    fn strip_at_edge(&self, host: &impl Host, table: &RoutingTable, request: &HeaderMap<'_>) {
+    /// Removes what outsiders must not set; whether anything changed.
+    fn strip_at_edge(
+        &self,
+        host: &impl Host,
+        table: &RoutingTable,
+        request: &HeaderMap<'_>,
+    ) -> bool {
         let plan = edge_plan(table, request);
         if plan.is_empty() {
-            return;
+            return false;
         }
         for name in &plan.remove {
             let _ = host.remove_request_header(name);
@@ -267,8 +273,8 @@ impl Stream {
                 }
             }
         }
-        host.clear_route_cache();
         Counters::bump(host, self.counters.edge_stripped);
+        true
     }
 
     pub fn on_response_headers(&mut self, host: &impl Host) {
@@ -286,6 +292,33 @@ impl Stream {
     /// Adds the debug response header.
     pub fn explain(host: &impl Host, text: &str) {
         let _ = host.set_response_header(DECISION_HEADER, text.as_bytes());
+    }
+}
+
+/// Envoy property paths of what a shared proxy knows of its peer.
+pub const SOURCE_ADDRESS_PATH: [&str; 2] = ["source", "address"];
+/// Istio's peer metadata (a waypoint's `downstream_peer` filter state, set
+/// from the HBONE peer's identity): its namespace and workload name.
+pub const PEER_NAMESPACE_PATH: [&str; 3] = ["filter_state", "downstream_peer", "namespace"];
+pub const PEER_WORKLOAD_PATH: [&str; 3] = ["filter_state", "downstream_peer", "workload"];
+
+/// The stream's peer, read from host properties only when asked.
+struct PeerOf<'h, H: Host>(&'h H);
+
+impl<H: Host> Caller for PeerOf<'_, H> {
+    fn address(&self) -> Option<String> {
+        let bytes = self.0.property(&SOURCE_ADDRESS_PATH)?;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn workload(&self) -> Option<(String, String)> {
+        let text = |path: &[&str]| {
+            self.0
+                .property(path)
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| !s.is_empty())
+        };
+        Some((text(&PEER_NAMESPACE_PATH)?, text(&PEER_WORKLOAD_PATH)?))
     }
 }
 

@@ -5,9 +5,11 @@
 //! applies it through a small host trait, and only `filter` (feature
 //! `filter`) talks to proxy-wasm.
 
+pub mod callers;
 pub mod config;
 pub mod decide;
 pub mod edge;
+pub mod edge_rules;
 pub mod glue;
 pub mod limits;
 pub mod names;

@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
 
-use crate::config::{EnvAlias, EnvEntry, ServiceEntry};
+use crate::config::{CallerEntry, CallerWorkloadEntry, EdgeRule, EnvAlias, EnvEntry, ServiceEntry};
 
 /// Largest plugin config accepted, in bytes (checked before it is read).
 pub const MAX_CONFIG_BYTES: usize = 16 << 20;
@@ -21,6 +21,14 @@ pub const MAX_PORTS_PER_SERVICE: usize = 64;
 pub const MAX_ALIASES: usize = 16;
 /// Most (service, env) pairs in one table.
 pub const MAX_PAIRS: usize = 250_000;
+/// Most caller IPs (`callers`, all envs together).
+pub const MAX_CALLER_IPS: usize = 200_000;
+/// Most caller workload names (`callerWorkloads`, all entries together).
+pub const MAX_CALLER_WORKLOADS: usize = 100_000;
+/// Most `edgeRules`.
+pub const MAX_EDGE_RULES: usize = 64;
+/// Most `values` of one edge rule (e.g. user ids).
+pub const MAX_RULE_VALUES: usize = 10_000;
 /// Most targets (pairs × ports in cluster mode, pairs in host mode).
 pub const MAX_TARGETS: usize = 500_000;
 
@@ -81,6 +89,34 @@ pub(crate) fn aliases<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<EnvAlias>, 
 
 pub(crate) fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
     bounded(d, MAX_PORTS_PER_SERVICE, "ports")
+}
+
+pub(crate) fn callers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<CallerEntry>, D::Error> {
+    bounded(d, MAX_CALLER_IPS, "caller entries")
+}
+
+pub(crate) fn caller_ips<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    bounded(d, MAX_CALLER_IPS, "caller IPs")
+}
+
+pub(crate) fn caller_workloads<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<CallerWorkloadEntry>, D::Error> {
+    bounded(d, MAX_CALLER_WORKLOADS, "caller workload entries")
+}
+
+pub(crate) fn caller_workload_names<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
+    bounded(d, MAX_CALLER_WORKLOADS, "workloads")
+}
+
+pub(crate) fn edge_rules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<EdgeRule>, D::Error> {
+    bounded(d, MAX_EDGE_RULES, "edge rules")
+}
+
+pub(crate) fn rule_values<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    bounded(d, MAX_RULE_VALUES, "values")
 }
 
 pub(crate) fn env_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {

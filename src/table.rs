@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, ServiceEntry};
+use crate::callers::CallerTable;
+use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, Proxy, ServiceEntry};
+use crate::edge_rules::EdgeRules;
 use crate::limits::{MAX_PAIRS, MAX_TARGETS};
 use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
 
@@ -38,9 +40,12 @@ pub struct Settings {
     pub debug_header: Box<str>,
     /// Explanations are given (`debug`).
     pub debug: bool,
-    /// Runs at the mesh edge: strips, routes nothing (`edge`).
+    /// Runs at the mesh edge: assigns envs by rule and strips (`edge`).
     pub edge: bool,
-    /// The caller's own env, when its label holds a valid one.
+    /// Where the filter runs.
+    pub proxy: Proxy,
+    /// The caller's own env, when its label holds a valid one (sidecars only:
+    /// a shared proxy has no env of its own).
     pub own_env: Option<EnvName>,
     pub revision: Option<Box<str>>,
 }
@@ -64,6 +69,8 @@ pub struct RoutingTable {
     services: Box<[Service]>,
     targets: Targets,
     default_env: Option<u32>,
+    callers: CallerTable,
+    edge_rules: EdgeRules,
 }
 
 /// A resolved service, as found from a request's `:authority`.
@@ -115,7 +122,11 @@ impl RoutingTable {
             debug_header: header_name("debugHeader", &config.debug_header)?,
             debug: config.debug,
             edge: config.edge,
-            own_env: own_env(&config.env_label, node, splitter)?,
+            proxy: config.proxy,
+            own_env: match config.proxy {
+                Proxy::Sidecar => own_env(&config.env_label, node, splitter)?,
+                Proxy::Gateway | Proxy::Waypoint => None,
+            },
             revision: config.revision.as_deref().map(Into::into),
         };
         check_cluster_domain(&config.cluster_domain)?;
@@ -284,6 +295,22 @@ impl RoutingTable {
             }
         }
 
+        let callers =
+            CallerTable::compile(&config.callers, &config.caller_workloads, env_names.len())?;
+        if !callers.is_empty() && !config.proxy.is_shared() {
+            return Err(ConfigError::new(
+                "callers",
+                "only a shared proxy (`proxy`: gateway or waypoint) looks callers up",
+            ));
+        }
+        let edge_rules = EdgeRules::compile(&config.edge_rules, splitter)?;
+        if !edge_rules.is_empty() && !config.edge {
+            return Err(ConfigError::new(
+                "edgeRules",
+                "rules assign envs only at the edge (`edge`: true)",
+            ));
+        }
+
         Ok(Self {
             settings,
             env_ids,
@@ -292,6 +319,8 @@ impl RoutingTable {
             services: services.into(),
             targets,
             default_env,
+            callers,
+            edge_rules,
         })
     }
 
@@ -341,6 +370,16 @@ impl RoutingTable {
 
     pub fn default_env(&self) -> Option<u32> {
         self.default_env
+    }
+
+    /// Shared proxies: the caller table.
+    pub fn callers(&self) -> &CallerTable {
+        &self.callers
+    }
+
+    /// The edge's env assignment rules.
+    pub fn edge_rules(&self) -> &EdgeRules {
+        &self.edge_rules
     }
 
     pub fn service_count(&self) -> usize {
@@ -576,7 +615,7 @@ pub fn parse_port(text: &str) -> Option<u16> {
 }
 
 /// Header names are compared lower-case (Envoy lower-cases them).
-fn header_name(field: &str, name: &str) -> Result<Box<str>, ConfigError> {
+pub(crate) fn header_name(field: &str, name: &str) -> Result<Box<str>, ConfigError> {
     let ok = !name.is_empty()
         && !name.starts_with(':')
         && name

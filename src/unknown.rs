@@ -11,7 +11,9 @@ use std::fmt::{self, Write as _};
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
-use crate::config::{EnvAlias, EnvEntry, PluginConfig, ServiceEntry};
+use crate::config::{
+    CallerEntry, CallerWorkloadEntry, EdgeRule, EnvAlias, EnvEntry, PluginConfig, ServiceEntry,
+};
 
 /// At most this many unknown fields are reported.
 pub const MAX_REPORTED: usize = 16;
@@ -39,6 +41,9 @@ enum Shape {
     Alias,
     Env,
     Service,
+    Caller,
+    CallerWorkload,
+    EdgeRule,
 }
 
 impl Shape {
@@ -48,6 +53,9 @@ impl Shape {
             Self::Alias => fields_of::<EnvAlias>(),
             Self::Env => fields_of::<EnvEntry>(),
             Self::Service => fields_of::<ServiceEntry>(),
+            Self::Caller => fields_of::<CallerEntry>(),
+            Self::CallerWorkload => fields_of::<CallerWorkloadEntry>(),
+            Self::EdgeRule => fields_of::<EdgeRule>(),
         }
     }
 
@@ -57,6 +65,9 @@ impl Shape {
             (Self::Config, "envAliases") => Some(Self::Alias),
             (Self::Config, "envs") => Some(Self::Env),
             (Self::Config, "services") => Some(Self::Service),
+            (Self::Config, "callers") => Some(Self::Caller),
+            (Self::Config, "callerWorkloads") => Some(Self::CallerWorkload),
+            (Self::Config, "edgeRules") => Some(Self::EdgeRule),
             _ => None,
         }
     }
@@ -338,6 +349,12 @@ mod tests {
         assert_eq!(Shape::Alias.fields(), ["header", "cookie"]);
         assert_eq!(Shape::Env.fields(), ["name", "subset"]);
         assert_eq!(Shape::Service.fields(), ["host", "ports", "envs"]);
+        assert_eq!(Shape::Caller.fields(), ["env", "ips"]);
+        assert_eq!(
+            Shape::CallerWorkload.fields(),
+            ["env", "namespace", "workloads"]
+        );
+        assert!(Shape::EdgeRule.fields().contains(&"previewHost"));
     }
 
     #[test]
@@ -356,6 +373,14 @@ mod tests {
             (
                 r#"{"services":[{"host":"a","ports":[80],"envs":[0]},{"host":"b","weight":3,"ports":[1],"envs":[]}]}"#,
                 &["services[1].weight"],
+            ),
+            (
+                r#"{"callers":[{"env":0,"ips":[],"zone":"a"}],"edgeRules":[{"previewHost":"{env}.x","weight":1}],"callerWorkloads":[{"env":0,"namespace":"a","workloads":[],"x":1}]}"#,
+                &[
+                    "callers[0].zone",
+                    "edgeRules[0].weight",
+                    "callerWorkloads[0].x",
+                ],
             ),
             (
                 r#"{"envAliases":[{"header":"x"},{"headr":"y"}]}"#,

@@ -276,7 +276,7 @@ fn env_sources_in_order_and_invalid_values_skipped() {
             "{headers:?}: {why}"
         );
         assert_eq!(p.invalid_env, *invalid, "{headers:?}");
-        assert_eq!(p.inject_env, *inject, "{headers:?}");
+        assert_eq!(p.inject_env.as_deref(), *inject, "{headers:?}");
     }
 }
 
@@ -285,7 +285,7 @@ fn auto_inject_only_from_label_and_never_over_a_header() {
     let cfg = alibaba(Mode::Cluster);
     let labelled = compile(&cfg, "demo", Some("dev.proj1"));
     let p = plan(&labelled, &MapHeaders::new(&[(":authority", "java:8080")]));
-    assert_eq!(p.inject_env, Some("dev.proj1"));
+    assert_eq!(p.inject_env.as_deref(), Some("dev.proj1"));
     assert_eq!(p.outcome, Outcome::Exact);
     // Injected even when the service is not in the table: the next hop needs it.
     let p = plan(
@@ -293,7 +293,7 @@ fn auto_inject_only_from_label_and_never_over_a_header() {
         &MapHeaders::new(&[(":authority", "example.com")]),
     );
     assert_eq!(
-        (p.inject_env, p.outcome),
+        (p.inject_env.as_deref(), p.outcome),
         (Some("dev.proj1"), Outcome::Passthrough)
     );
     // An invalid header is still a header: not overwritten.
@@ -586,7 +586,7 @@ fn values_that_are_not_utf8() {
             .unwrap_or_else(|| "-".into());
         let want = if *env == "-" { "-".into() } else { subset(env) };
         assert_eq!(
-            (p.outcome, chosen, p.invalid_env, p.inject_env),
+            (p.outcome, chosen, p.invalid_env, p.inject_env.as_deref()),
             (*outcome, want, *invalid, *injected),
             "{headers:?}"
         );

@@ -476,19 +476,27 @@ fn edge_strips_what_outsiders_must_not_set() {
         Some(&b"user=7, other=2"[..])
     );
     assert_eq!(host.header("cookie").as_deref(), Some(&b"session=abc"[..]));
-    assert_eq!(host.routed_to(), None, "the edge routes nothing");
+    // What the request brought is not its env at the edge: no rule gave one,
+    // so the default env's pods serve it (not any env's, as the route's own
+    // cluster would), and no env header goes on.
+    assert_eq!(
+        host.routed_to().as_deref(),
+        Some("outbound|8080|dev|java.demo.svc.cluster.local")
+    );
+    assert_eq!(host.header("x-virtual-env"), None);
     assert!(
         host.response.borrow().is_empty(),
         "no explanation at the edge"
     );
     assert_eq!(host.counter(COUNTER_EDGE_STRIPPED), 1);
 
-    // Nothing to strip: nothing touched.
+    // Nothing to strip: no header touched (the route is still the default env's).
     let clean = Fake::new(&serde_json::to_string(&cfg).unwrap())
         .with_request(&[(":authority", b"java:8080"), ("baggage", b"user=7")]);
     run(&clean);
-    assert_eq!(*clean.route_cache_cleared.borrow(), 0);
+    assert_eq!(clean.counter(COUNTER_EDGE_STRIPPED), 0);
     assert_eq!(clean.header("baggage").as_deref(), Some(&b"user=7"[..]));
+    assert_eq!(clean.request.borrow().len(), 2);
 }
 
 /// The alibaba table with env `dev.proj1`'s subset renamed.
@@ -578,4 +586,293 @@ fn debug_explanations_wait_for_their_own_response_and_are_bounded() {
     assert!(vm.configure(&plain, plain.config.len()));
     vm.on_request_headers(&plain, 1);
     assert_eq!(vm.pending_explanations(), 0);
+}
+
+/// The alibaba table served by a shared proxy with a caller table.
+fn shared_proxy(proxy: envlane::config::Proxy) -> envlane::config::PluginConfig {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.proxy = proxy;
+    cfg.debug = true;
+    let id = |env: &str| cfg.envs.iter().position(|e| e.name == env).unwrap() as u32;
+    let (proj1, proj2) = (id("dev.proj1"), id("dev.proj2"));
+    cfg.callers = vec![
+        envlane::config::CallerEntry {
+            env: proj1,
+            ips: vec!["10.244.0.5".into()],
+        },
+        envlane::config::CallerEntry {
+            env: proj2,
+            ips: vec!["fd00::7".into()],
+        },
+    ];
+    cfg.caller_workloads = vec![envlane::config::CallerWorkloadEntry {
+        env: proj2,
+        namespace: "demo".into(),
+        workloads: vec!["node-proj2".into()],
+    }];
+    cfg
+}
+
+fn cluster(port_service_env: (&str, &str)) -> String {
+    let (service, env) = port_service_env;
+    format!(
+        "outbound|8080|{}|{service}.demo.svc.cluster.local",
+        common::subset(env)
+    )
+}
+
+#[test]
+fn a_gateway_finds_a_request_without_env_by_its_caller() {
+    use envlane::config::Proxy;
+    use envlane::glue::SOURCE_ADDRESS_PATH;
+    let json = serde_json::to_string(&shared_proxy(Proxy::Gateway)).unwrap();
+    // (peer address, request headers, (service, env) routed to, env header after)
+    type Case<'a> = (
+        Option<&'a str>,
+        &'a [(&'a str, &'a [u8])],
+        (&'a str, &'a str),
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
+        // No env on the request: the caller's, added for the next hop.
+        (
+            Some("10.244.0.5:43210"),
+            &[(":authority", b"java:8080")],
+            ("java", "dev.proj1"),
+            Some("dev.proj1"),
+        ),
+        (
+            Some("[fd00::7]:80"),
+            &[(":authority", b"go:8080")],
+            ("go", "dev.proj2"),
+            Some("dev.proj2"),
+        ),
+        // The request's own env beats the caller's.
+        (
+            Some("10.244.0.5:43210"),
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj1.feature1"),
+            ],
+            ("java", "dev.proj1.feature1"),
+            Some("dev.proj1.feature1"),
+        ),
+        // A caller not in the table, or no address: the default env.
+        (
+            Some("10.244.0.9:1"),
+            &[(":authority", b"java:8080")],
+            ("java", "dev"),
+            None,
+        ),
+        (None, &[(":authority", b"java:8080")], ("java", "dev"), None),
+        // A header naming a caller IP is not the caller.
+        (
+            Some("10.244.0.9:1"),
+            &[
+                (":authority", b"java:8080"),
+                ("x-forwarded-for", b"10.244.0.5"),
+            ],
+            ("java", "dev"),
+            None,
+        ),
+        // The gateway's own node label is nobody's env.
+        (
+            Some("192.0.2.1:1"),
+            &[(":authority", b"node:8080")],
+            ("node", "dev"),
+            None,
+        ),
+    ];
+    for (address, headers, target, env_after) in cases {
+        let mut host = Fake::new(&json).with_request(headers);
+        host.properties.insert(
+            "xds\0node\0metadata\0LABELS\0virtual-env".into(),
+            b"dev.proj1".to_vec(),
+        );
+        if let Some(a) = address {
+            host.properties
+                .insert(SOURCE_ADDRESS_PATH.join("\0"), a.as_bytes().to_vec());
+        }
+        assert_eq!(run(&host), Configured::Loaded);
+        assert_eq!(
+            host.routed_to(),
+            Some(cluster(*target)),
+            "{address:?} {headers:?}"
+        );
+        assert_eq!(
+            host.header("x-virtual-env")
+                .map(|v| String::from_utf8(v).unwrap())
+                .as_deref(),
+            *env_after,
+            "{address:?} {headers:?}"
+        );
+    }
+
+    // The explanation names the source.
+    let mut host =
+        Fake::new(&json).with_request(&[(":authority", b"java:8080"), ("x-envlane-debug", b"1")]);
+    host.properties
+        .insert(SOURCE_ADDRESS_PATH.join("\0"), b"10.244.0.5:1".to_vec());
+    run(&host);
+    let why = host.response.borrow()[0].1.clone();
+    assert!(
+        String::from_utf8(why)
+            .unwrap()
+            .starts_with("env=dev.proj1; source=caller;"),
+        "{:?}",
+        host.response.borrow()
+    );
+}
+
+#[test]
+fn a_waypoint_knows_its_caller_by_workload_first() {
+    use envlane::config::Proxy;
+    use envlane::glue::{PEER_NAMESPACE_PATH, PEER_WORKLOAD_PATH, SOURCE_ADDRESS_PATH};
+    let json = serde_json::to_string(&shared_proxy(Proxy::Waypoint)).unwrap();
+    // (peer address, peer (namespace, workload), env routed to)
+    type Case<'a> = (Option<&'a str>, Option<(&'a str, &'a str)>, &'a str);
+    let cases: &[Case] = &[
+        (
+            Some("10.244.0.5:1"),
+            Some(("demo", "node-proj2")),
+            "dev.proj2",
+        ),
+        (Some("10.244.0.5:1"), Some(("demo", "unknown")), "dev.proj1"),
+        (
+            Some("10.244.0.5:1"),
+            Some(("other", "node-proj2")),
+            "dev.proj1",
+        ),
+        (None, Some(("demo", "node-proj2")), "dev.proj2"),
+        (None, None, "dev"),
+    ];
+    for (address, peer, env) in cases {
+        let mut host = Fake::new(&json).with_request(&[(":authority", b"go:8080")]);
+        if let Some(a) = address {
+            host.properties
+                .insert(SOURCE_ADDRESS_PATH.join("\0"), a.as_bytes().to_vec());
+        }
+        if let Some((ns, wl)) = peer {
+            host.properties
+                .insert(PEER_NAMESPACE_PATH.join("\0"), ns.as_bytes().to_vec());
+            host.properties
+                .insert(PEER_WORKLOAD_PATH.join("\0"), wl.as_bytes().to_vec());
+        }
+        run(&host);
+        let want = if *env == "dev.proj1" { "dev" } else { env };
+        // go has no dev.proj1: its chain falls back to dev.
+        assert_eq!(
+            host.routed_to(),
+            Some(cluster(("go", want))),
+            "{address:?} {peer:?}"
+        );
+    }
+}
+
+#[test]
+fn only_a_shared_proxy_takes_a_caller_table_and_only_the_edge_rules() {
+    use envlane::config::{EdgeRule, Proxy};
+    let mut sidecar = shared_proxy(Proxy::Gateway);
+    sidecar.proxy = Proxy::Sidecar;
+    let mut not_edge = alibaba(Mode::Cluster);
+    not_edge.edge_rules = vec![EdgeRule {
+        env: Some("dev.proj1".into()),
+        header: Some("x-user".into()),
+        cookie: None,
+        values: vec!["alice".into()],
+        percent: None,
+        preview_host: None,
+    }];
+    for cfg in [sidecar, not_edge] {
+        let host = Fake::new(&serde_json::to_string(&cfg).unwrap()).with_request(JAVA);
+        // A first config that does not load: pass-through, nothing routed.
+        assert_eq!(run(&host), Configured::PassThrough);
+        assert_eq!(host.routed_to(), None);
+        assert_eq!(host.counter(COUNTER_CONFIG_INVALID), 1);
+    }
+}
+
+#[test]
+fn edge_rules_give_the_env_after_the_request_is_cleaned() {
+    let mut cfg = alibaba(Mode::Cluster);
+    cfg.edge = true;
+    cfg.debug = true;
+    cfg.edge_rules = serde_json::from_str(
+        r#"[{"env":"dev.proj1","header":"x-user","values":["alice"]},
+            {"env":"dev.proj1.feature1","cookie":"uid","values":["bob"]},
+            {"previewHost":"{env}.preview.example.com"}]"#,
+    )
+    .unwrap();
+    let json = serde_json::to_string(&cfg).unwrap();
+    // (request, (service, env) routed to, env header after, stripped)
+    type Case<'a> = (
+        &'a [(&'a str, &'a [u8])],
+        (&'a str, &'a str),
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
+        (
+            &[(":authority", b"java:8080"), ("x-user", b"alice")],
+            ("java", "dev.proj1"),
+            Some("dev.proj1"),
+        ),
+        // An outsider's env header goes; the rule's env replaces it.
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-user", b"alice"),
+                ("x-virtual-env", b"dev.proj2"),
+            ],
+            ("java", "dev.proj1"),
+            Some("dev.proj1"),
+        ),
+        (
+            &[(":authority", b"java:8080"), ("cookie", b"uid=bob")],
+            ("java", "dev.proj1.feature1"),
+            Some("dev.proj1.feature1"),
+        ),
+        // No rule: the env header goes, the default env serves.
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj1"),
+            ],
+            ("java", "dev"),
+            None,
+        ),
+        (
+            &[(":authority", b"java:8080"), ("x-user", b"mallory")],
+            ("java", "dev"),
+            None,
+        ),
+    ];
+    for (headers, target, env_after) in cases {
+        let mut with_debug = headers.to_vec();
+        with_debug.push(("x-envlane-debug", b"1"));
+        let host = Fake::new(&json).with_request(&with_debug);
+        run(&host);
+        assert_eq!(host.routed_to(), Some(cluster(*target)), "{headers:?}");
+        assert_eq!(
+            host.header("x-virtual-env")
+                .map(|v| String::from_utf8(v).unwrap())
+                .as_deref(),
+            *env_after,
+            "{headers:?}"
+        );
+        assert_eq!(host.header("x-envlane-debug"), None);
+        assert!(
+            host.response.borrow().is_empty(),
+            "no explanation for outsiders"
+        );
+        assert!(*host.route_cache_cleared.borrow() >= 1);
+    }
+    // A preview host names an env outside the table: it still becomes the
+    // request's env for the hops behind the edge.
+    let host = Fake::new(&json).with_request(&[(":authority", b"dev.proj9.preview.example.com")]);
+    run(&host);
+    assert_eq!(host.routed_to(), None);
+    assert_eq!(
+        host.header("x-virtual-env").as_deref(),
+        Some(&b"dev.proj9"[..])
+    );
 }

@@ -98,7 +98,7 @@ pub fn explain(config: &PluginConfig, req: &Request) -> Result<String, String> {
     headers.push((config.debug_header.clone(), "1".into()));
     let list = HeaderList(&headers);
     let plan = decide::plan(&table, &list);
-    let found = find_env(&table, &list);
+    let found = find_env(&table, &list, &decide::NoCaller);
 
     let mut out = String::new();
     let env = found.env.as_ref().map(|(e, _)| e.as_ref());
