@@ -121,7 +121,11 @@ def test_debug_header_says_source_caller(alibaba):
 
 def test_spoofed_forwarded_for_does_not_pick_the_caller(alibaba):
     """The caller is the TCP peer. A client naming a labelled pod in
-    X-Forwarded-For stays an unknown caller (default env)."""
+    X-Forwarded-For stays an unknown caller (default env). This holds because
+    the gateway's HTTP connection manager sets use_remote_address: with
+    Envoy's default (false), `source.address` is the last X-Forwarded-For
+    entry and this spoof picks the caller (checked by hand with the filter
+    of the "Gateway mode:" commit)."""
     spoof = alibaba.pods["feature1"].ip
     for xff in [spoof, f"10.1.2.3, {spoof}"]:
         assert answer(alibaba, None, caller=STRANGER, **{"x-forwarded-for": xff}) == ALIBABA_CASES[None], xff
