@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     for svc in ALIBABA.services:
         print(f"  {svc.name:<5} pods in envs: {', '.join(svc.envs)}")
     print(f"  default env: {config['defaultEnv']}; the client pod has no env label")
-    print(f"  callers labelled in the gateway's caller table (besides the app pods): "
+    print("  callers labelled in the gateway's caller table (besides the app pods): "
           + ", ".join(f"{name}={env}" for name, env in CALLERS.items()))
     print("  (output notation: python3 integration/demo_gateway.py --help)\n")
     pods = sum(len(s.envs) for s in ALIBABA.services)
