@@ -114,6 +114,12 @@ def schema_json() -> str:
     return sync_output("schema")
 
 
+def shared_plugin_names() -> list[str]:
+    """Gateway mode's WasmPlugin names, as envlane-sync writes them (`envlane-sync names`)."""
+    names = json.loads(sync_output("names"))
+    return [names["gatewayPlugin"], names["waypointPlugin"]]
+
+
 def settings_json(overrides: dict | None = None) -> str:
     """The envlane-sync --settings file (kustomize makes it a ConfigMap): `envlane-sync settings`."""
     if not overrides:
@@ -316,8 +322,10 @@ def cluster_role(pins: dict) -> dict:
         "rules": [
             {"apiGroups": [""], "resources": ["namespaces", "pods", "services"], "verbs": [*read]},
             {"apiGroups": ["extensions.istio.io"], "resources": ["wasmplugins"], "verbs": ["list", "watch"]},
-            # One WasmPlugin name: RBAC can pin it (server-side apply is a PATCH by name).
-            {"apiGroups": ["extensions.istio.io"], "resources": ["wasmplugins"], "resourceNames": [PLUGIN_NAME], "verbs": ["get", *write]},
+            # Its WasmPlugin names (the namespaces' and gateway mode's): RBAC can
+            # pin them (server-side apply is a PATCH by name).
+            {"apiGroups": ["extensions.istio.io"], "resources": ["wasmplugins"],
+             "resourceNames": [PLUGIN_NAME, *shared_plugin_names()], "verbs": ["get", *write]},
             {"apiGroups": ["networking.istio.io"], "resources": ["destinationrules", "envoyfilters"], "verbs": read + write},
             {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"], "verbs": [*read]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::render::{RenderOptions, DEFAULT_WASM_URL};
 use crate::selector::LabelSelector;
+use crate::shared::SharedProxy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +61,10 @@ pub enum Command {
     /// config without `envs`, `services` and `revision`). With no flags, the
     /// defaults; with --settings FILE, that file's settings, checked.
     Settings(SettingsArgs),
+    /// Print, as JSON, the fixed names envlane-sync writes under that the
+    /// manifests must agree with (RBAC resourceNames, labels): made from
+    /// the constants render uses.
+    Names,
     /// Print, as JSON, the ValidatingAdmissionPolicy (and its binding) that
     /// lets envlane-sync's ServiceAccount write only its own objects: the
     /// ownership label, envlane's names, opted-in namespaces.
@@ -110,6 +115,10 @@ pub struct ExplainArgs {
     /// The calling pod's env label (what its sidecar uses without a header).
     #[arg(long, value_name = "ENV")]
     pub caller_env: Option<String>,
+    /// Gateway mode: the calling pod's IP (what a shared proxy looks up in
+    /// its caller table when the request has no env).
+    #[arg(long, value_name = "IP")]
+    pub caller_ip: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +186,20 @@ pub struct CommonArgs {
     /// Name of the WasmPlugin written in each opted-in namespace.
     #[arg(long, value_name = "NAME", default_value = "envlane")]
     pub wasm_plugin_name: String,
+
+    /// Gateway mode: a centralized east-west gateway, as
+    /// NAMESPACE:KEY=VALUE[,KEY=VALUE] (its pods' labels). Gets WasmPlugin
+    /// `envlane-gateway` there with the caller table; label the namespace
+    /// `envlane.io/gateway=true` (the admission policy checks it).
+    /// Repeatable.
+    #[arg(long = "gateway", value_name = "NS:SELECTOR")]
+    pub gateways: Vec<String>,
+
+    /// Gateway mode: an Istio ambient waypoint, as NAMESPACE/NAME (a Gateway
+    /// of class istio-waypoint). Its namespace gets WasmPlugin
+    /// `envlane-waypoint` targeting it, with the caller table. Repeatable.
+    #[arg(long = "waypoint", value_name = "NS/NAME")]
+    pub waypoints: Vec<String>,
 
     /// WasmPlugin `url`: where Istio fetches the filter module.
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
@@ -374,6 +397,14 @@ impl CommonArgs {
         if !name_ok {
             return Err("--wasm-plugin-name: must be a DNS subdomain name".into());
         }
+        let mut shared_proxies = Vec::new();
+        for g in &self.gateways {
+            shared_proxies.push(SharedProxy::parse_gateway(g)?);
+        }
+        for w in &self.waypoints {
+            shared_proxies.push(SharedProxy::parse_waypoint(w)?);
+        }
+        crate::shared::plugins(&shared_proxies)?;
         Ok(RenderOptions {
             settings,
             namespace_selector,
@@ -382,6 +413,7 @@ impl CommonArgs {
             wasm_sha256: self.wasm_sha256.clone(),
             istio_root_namespace: self.istio_root_namespace.clone(),
             blocked: Default::default(),
+            shared_proxies,
         })
     }
 }

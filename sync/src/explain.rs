@@ -65,6 +65,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// The caller pod's env label (the sidecar's node metadata).
     pub caller_env: Option<String>,
+    /// Gateway mode: the caller pod's IP (a shared proxy's caller table).
+    pub caller_ip: Option<String>,
 }
 
 struct HeaderList<'a>(&'a [(String, String)]);
@@ -97,8 +99,9 @@ pub fn explain(config: &PluginConfig, req: &Request) -> Result<String, String> {
     headers.push((":authority".into(), req.authority.clone()));
     headers.push((config.debug_header.clone(), "1".into()));
     let list = HeaderList(&headers);
-    let plan = decide::plan(&table, &list);
-    let found = find_env(&table, &list, &decide::NoCaller);
+    let caller = decide::CallerAt(req.caller_ip.as_deref().unwrap_or(""));
+    let plan = decide::plan_for(&table, &list, &caller);
+    let found = find_env(&table, &list, &caller);
 
     let mut out = String::new();
     let env = found.env.as_ref().map(|(e, _)| e.as_ref());
@@ -109,7 +112,7 @@ pub fn explain(config: &PluginConfig, req: &Request) -> Result<String, String> {
         None => {
             let _ = writeln!(
                 out,
-                "env: none (no {} header, baggage, alias or caller label with a valid env)",
+                "env: none (no {} header, baggage, alias, caller label or caller-table entry with a valid env)",
                 config.env_header
             );
         }
@@ -239,9 +242,39 @@ mod tests {
                 authority: authority.into(),
                 headers,
                 caller_env: caller.map(String::from),
+                caller_ip: None,
             },
         )
         .unwrap_or_else(|e| e)
+    }
+
+    #[test]
+    fn a_gateway_table_is_explained_by_the_caller_ip() {
+        let mut cfg = config();
+        cfg.proxy = envlane::config::Proxy::Gateway;
+        cfg.callers = vec![envlane::config::CallerEntry {
+            env: 2,
+            ips: vec!["10.244.0.5".into()],
+        }];
+        let ask = |ip: &str, env: Option<&str>| {
+            let headers = env
+                .map(|e| vec![("x-virtual-env".to_string(), e.to_string())])
+                .unwrap_or_default();
+            let req = Request {
+                authority: "go.demo.svc.cluster.local:8080".into(),
+                headers,
+                caller_env: None,
+                caller_ip: Some(ip.into()),
+            };
+            explain(&cfg, &req).unwrap_or_else(|e| e)
+        };
+        let out = ask("10.244.0.5", None);
+        assert!(out.contains("env: dev.proj2 (from the caller)"), "{out}");
+        assert!(out.contains("outcome: exact"), "{out}");
+        let out = ask("10.244.0.5", Some("dev"));
+        assert!(out.contains("env: dev (from the header)"), "{out}");
+        let out = ask("10.244.0.6", None);
+        assert!(out.contains("outcome: default"), "{out}");
     }
 
     #[test]

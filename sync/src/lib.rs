@@ -23,5 +23,6 @@ pub mod routes;
 pub mod schema;
 pub mod selector;
 pub mod server;
+pub mod shared;
 pub mod synthetic;
 pub mod warning;

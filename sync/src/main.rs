@@ -19,6 +19,14 @@ fn main() -> ExitCode {
         Some(Command::Validate(args)) => validate_cmd(&args),
         Some(Command::RoutePatches(args)) => route_patches_cmd(&args),
         Some(Command::Schema) => print(schema::schema_json()),
+        Some(Command::Names) => print(Ok(format!(
+            "{:#}\n",
+            serde_json::json!({
+                "gatewayPlugin": envlane_sync::shared::GATEWAY_PLUGIN_NAME,
+                "waypointPlugin": envlane_sync::shared::WAYPOINT_PLUGIN_NAME,
+                "gatewayNamespaceLabel": envlane_sync::shared::GATEWAY_NAMESPACE_LABEL,
+            })
+        ))),
         Some(Command::Settings(args)) => settings_cmd(&args),
         Some(Command::AdmissionPolicy(args)) => admission_policy_cmd(&args),
         Some(Command::Table(args)) => table_cmd(&args),
@@ -166,6 +174,7 @@ fn explain_cmd(args: &ExplainArgs) -> Result<(), String> {
         authority: args.authority.clone(),
         headers,
         caller_env: args.caller_env.clone(),
+        caller_ip: args.caller_ip.clone(),
     };
     print(envlane_sync::explain::explain(&config, &request))
 }

@@ -33,6 +33,15 @@ pub struct Pod {
     pub labels: Labels,
     /// Condition `Ready=True` and not terminating.
     pub ready: bool,
+    /// `status.podIPs` (else `status.podIP`): the addresses a shared proxy
+    /// sees this pod call from.
+    pub ips: Vec<String>,
+    /// `hostNetwork`: the pod has its node's address, shared with every
+    /// other such pod on the node, so no caller table may name it.
+    pub host_network: bool,
+    /// The workload name Istio reports for the pod (a Deployment's name for
+    /// a ReplicaSet's pod, the controller's name otherwise, else the pod's).
+    pub workload: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -90,12 +99,55 @@ impl From<&corev1::Pod> for Pod {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let status = pod.status.as_ref();
+        let mut ips: Vec<String> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+            .unwrap_or_default();
+        if ips.is_empty() {
+            ips.extend(status.and_then(|s| s.pod_ip.clone()));
+        }
+        ips.retain(|ip| !ip.is_empty());
+        let labels = labels_of(&pod.metadata);
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let controller = pod
+            .metadata
+            .owner_references
+            .as_ref()
+            .and_then(|refs| refs.iter().find(|r| r.controller == Some(true)));
         Self {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            labels: labels_of(&pod.metadata),
+            workload: workload_name(
+                &name,
+                &labels,
+                controller.map(|r| (r.kind.as_str(), r.name.as_str())),
+            ),
+            name,
+            labels,
             ready: condition_ready && pod.metadata.deletion_timestamp.is_none(),
+            ips,
+            host_network: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
         }
+    }
+}
+
+/// The workload name Istio gives a pod: a ReplicaSet's pod belongs to the
+/// Deployment (the ReplicaSet's name without its `-<pod-template-hash>`), a
+/// pod of another controller to that controller, a bare pod to itself.
+pub fn workload_name(pod: &str, labels: &Labels, controller: Option<(&str, &str)>) -> String {
+    match controller {
+        Some(("ReplicaSet", rs)) => labels
+            .get("pod-template-hash")
+            .and_then(|hash| rs.strip_suffix(hash.as_str()))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .unwrap_or(rs)
+            .to_string(),
+        Some((_, owner)) => owner.to_string(),
+        None => pod.to_string(),
     }
 }
 

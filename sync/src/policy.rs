@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::model::{MANAGED_BY_KEY, MANAGED_BY_VALUE};
 use crate::render::{Kind, RenderOptions, DESTINATION_RULE_PREFIX, SUBSET_LABEL};
 use crate::routes::ENVOY_FILTER_NAME;
+use crate::shared::{GATEWAY_NAMESPACE_LABEL, GATEWAY_PLUGIN_NAME, WAYPOINT_PLUGIN_NAME};
 
 pub const POLICY_NAME: &str = "envlane-sync-writes";
 
@@ -26,6 +27,13 @@ pub fn admission_policy(opts: &RenderOptions, user: &str) -> Vec<Value> {
         "has(namespaceObject.metadata.labels)",
         "namespaceObject.metadata.labels",
     );
+    // A centralized gateway lives in its own namespace, which must not opt
+    // in (its sidecar-mode plugin would apply to the gateway too): the
+    // operator marks it with its own label instead.
+    let gateway_ns = format!(
+        "(has(namespaceObject.metadata.labels) && '{GATEWAY_NAMESPACE_LABEL}' in namespaceObject.metadata.labels && \
+         namespaceObject.metadata.labels['{GATEWAY_NAMESPACE_LABEL}'] == 'true')"
+    );
     let root = &opts.istio_root_namespace;
     let plugin = &opts.wasm_plugin_name;
     let rule = |kind: Kind| {
@@ -37,7 +45,7 @@ pub fn admission_policy(opts: &RenderOptions, user: &str) -> Vec<Value> {
         })
     };
     let name_rule = format!(
-        "request.resource.resource == 'wasmplugins' ? variables.target.metadata.name == '{plugin}' : \
+        "request.resource.resource == 'wasmplugins' ? variables.target.metadata.name in ['{plugin}', '{GATEWAY_PLUGIN_NAME}', '{WAYPOINT_PLUGIN_NAME}'] : \
          request.resource.resource == 'destinationrules' ? variables.target.metadata.name.startsWith('{DESTINATION_RULE_PREFIX}') : \
          request.resource.resource == 'envoyfilters' ? (request.namespace == '{root}' && variables.target.metadata.name.startsWith('{ENVOY_FILTER_NAME}.')) : \
          request.resource.resource == 'services' ? (has(variables.target.metadata.labels) && '{SUBSET_LABEL}' in variables.target.metadata.labels) : \
@@ -76,15 +84,16 @@ pub fn admission_policy(opts: &RenderOptions, user: &str) -> Vec<Value> {
                 },
                 {
                     "expression": name_rule,
-                    "message": format!("envlane-sync writes only WasmPlugin {plugin}, DestinationRules {DESTINATION_RULE_PREFIX}*, EnvoyFilters {ENVOY_FILTER_NAME}.* in {root} and per-env Services labelled {SUBSET_LABEL}"),
+                    "message": format!("envlane-sync writes only WasmPlugins {plugin}, {GATEWAY_PLUGIN_NAME} and {WAYPOINT_PLUGIN_NAME}, DestinationRules {DESTINATION_RULE_PREFIX}*, EnvoyFilters {ENVOY_FILTER_NAME}.* in {root} and per-env Services labelled {SUBSET_LABEL}"),
                     "reason": "Forbidden",
                 },
                 {
                     // Deletes are allowed anywhere (cleanup after an opt-out).
                     "expression": format!(
-                        "request.operation == 'DELETE' || request.resource.resource == 'envoyfilters' || ({opted_in})"
+                        "request.operation == 'DELETE' || request.resource.resource == 'envoyfilters' || \
+                         (request.resource.resource == 'wasmplugins' && variables.target.metadata.name == '{GATEWAY_PLUGIN_NAME}' ? {gateway_ns} : ({opted_in}))"
                     ),
-                    "message": format!("envlane-sync creates and updates objects only in namespaces selected by {}", opts.namespace_selector),
+                    "message": format!("envlane-sync creates and updates objects only in namespaces selected by {}, and the gateway's WasmPlugin {GATEWAY_PLUGIN_NAME} only in namespaces labelled {GATEWAY_NAMESPACE_LABEL}=true", opts.namespace_selector),
                     "reason": "Forbidden",
                 },
             ],
@@ -118,7 +127,8 @@ mod tests {
         let docs = admission_policy(&opts, "system:serviceaccount:x:y");
         let text = serde_json::to_string(&docs).unwrap_or_default();
         for part in [
-            "== 'lanes'",
+            "in ['lanes', 'envlane-gateway', 'envlane-waypoint']",
+            "'envlane.io/gateway' in namespaceObject.metadata.labels",
             "request.namespace == 'mesh-root'",
             "'team' in namespaceObject.metadata.labels",
             "!(has(namespaceObject.metadata.labels) && 'frozen' in",

@@ -17,6 +17,7 @@ use crate::model::{
 };
 use crate::routes;
 use crate::selector::LabelSelector;
+use crate::shared::{self, SharedProxy};
 use crate::warning::{Reason, Regarding, Warning};
 
 /// Where the WasmPlugin runs: `AUTHN` is the earliest phase Istio offers, so
@@ -57,6 +58,9 @@ pub struct RenderOptions {
     /// among them is left out of the table: the filter must not choose
     /// subset clusters envlane cannot define (a 503).
     pub blocked: BTreeSet<ObjectKey>,
+    /// Gateway mode: the centralized gateways and waypoints that get a
+    /// WasmPlugin with the caller table.
+    pub shared_proxies: Vec<SharedProxy>,
 }
 
 /// Istio's default root namespace.
@@ -72,6 +76,7 @@ impl Default for RenderOptions {
             wasm_sha256: None,
             istio_root_namespace: DEFAULT_ISTIO_ROOT_NAMESPACE.into(),
             blocked: BTreeSet::new(),
+            shared_proxies: Vec::new(),
         }
     }
 }
@@ -320,6 +325,9 @@ pub fn render<'a>(
     let mut invalid_labels = Vec::new();
     let mut not_ready = Vec::new();
     let mut by_namespace: HashMap<&str, Vec<Candidate<'_>>> = HashMap::new();
+    let shared_plugins = shared::plugins(&opts.shared_proxies).map_err(RenderError::Settings)?;
+    let want_callers = !shared_plugins.is_empty();
+    let mut caller_pods: Vec<(&Pod, &str)> = Vec::new();
     for pod in pods {
         if !opted.contains(pod.namespace.as_str()) {
             continue;
@@ -335,6 +343,9 @@ pub fn render<'a>(
                 reason: e.to_string(),
             });
             continue;
+        }
+        if pod.ready && want_callers {
+            caller_pods.push((pod, value.as_str()));
         }
         if pod.ready {
             by_namespace
@@ -626,9 +637,41 @@ pub fn render<'a>(
     for ns in &opted {
         objects.push(wasm_plugin(
             ns,
+            &opts.wasm_plugin_name,
+            PluginTarget::Namespace,
             &plugin_config,
             &table_hash,
             table_json.len(),
+            &status,
+            opts,
+        ));
+    }
+    // Gateway mode: each shared proxy's table is the mesh's plus the callers.
+    let callers = shared::callers(caller_pods);
+    if want_callers {
+        warnings.extend(callers.warnings.iter().cloned());
+    }
+    for plugin in &shared_plugins {
+        let shared_table = shared::table_for(&table, plugin.proxy, &callers);
+        RoutingTable::compile(&shared_table, &Node::default())
+            .map_err(RenderError::InvalidTable)?;
+        let config = Arc::new(
+            serde_json::to_value(&shared_table)
+                .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?,
+        );
+        let json = serde_json::to_vec(&shared_table).unwrap_or_default();
+        let hash = format!("{:016x}", fnv1a64(&json));
+        let target = match &plugin.selector {
+            Some(labels) => PluginTarget::Selector(labels),
+            None => PluginTarget::Waypoints(&plugin.waypoints),
+        };
+        objects.push(wasm_plugin(
+            &plugin.namespace,
+            plugin.name,
+            target,
+            &config,
+            &hash,
+            json.len(),
             &status,
             opts,
         ));
@@ -903,8 +946,22 @@ struct TableStatus<'a> {
     envs: String,
 }
 
+/// Which proxies a WasmPlugin is for.
+#[derive(Debug, Clone, Copy)]
+enum PluginTarget<'a> {
+    /// Every sidecar of the namespace, on its outbound (client) side.
+    Namespace,
+    /// A centralized gateway's pods, by label.
+    Selector(&'a Labels),
+    /// Waypoints (Gateway API `Gateway`s), by name.
+    Waypoints(&'a [String]),
+}
+
+#[allow(clippy::too_many_arguments)]
 fn wasm_plugin(
     namespace: &str,
+    name: &str,
+    target: PluginTarget<'_>,
     plugin_config: &Arc<Value>,
     table_hash: &str,
     table_bytes: usize,
@@ -917,16 +974,32 @@ fn wasm_plugin(
         "priority": WASM_PRIORITY,
         "type": "HTTP",
         "failStrategy": "FAIL_OPEN",
-        "match": [{"mode": "CLIENT"}],
         "pluginConfig": table_hash,
     });
-    if let (Some(sha), Some(map)) = (&opts.wasm_sha256, spec.as_object_mut()) {
-        map.insert("sha256".into(), sha.clone().into());
+    if let Some(map) = spec.as_object_mut() {
+        if let Some(sha) = &opts.wasm_sha256 {
+            map.insert("sha256".into(), sha.clone().into());
+        }
+        match target {
+            PluginTarget::Namespace => {
+                map.insert("match".into(), json!([{"mode": "CLIENT"}]));
+            }
+            PluginTarget::Selector(labels) => {
+                map.insert("selector".into(), json!({"matchLabels": labels}));
+            }
+            PluginTarget::Waypoints(names) => {
+                let refs: Vec<Value> = names
+                    .iter()
+                    .map(|n| json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": n}))
+                    .collect();
+                map.insert("targetRefs".into(), refs.into());
+            }
+        }
     }
     let mut obj = object(
         Kind::WasmPlugin,
         namespace,
-        &opts.wasm_plugin_name,
+        name,
         &[],
         &[
             (TABLE_REVISION_ANNOTATION, status.revision),

@@ -41,6 +41,9 @@ fn pod(ns: &str, app: &str, env: &str, ready: bool) -> Pod {
         name: format!("{app}-{env}-{}", u8::from(ready)),
         labels: labels(&[("app", app), ("virtual-env", env), ("tier", "backend")]),
         ready,
+        ips: Vec::new(),
+        host_network: false,
+        workload: format!("{app}-{env}"),
     }
 }
 
@@ -1192,4 +1195,86 @@ fn services_where_requests_without_an_env_spread_are_reported() {
                 .contains("requests without an env reach every env's pods"));
         }
     }
+}
+
+#[test]
+fn shared_proxies_get_their_own_plugin_with_the_caller_table() {
+    use crate::shared::{SharedProxy, GATEWAY_PLUGIN_NAME, WAYPOINT_PLUGIN_NAME};
+    let namespaces = [ns("demo", true), ns("mesh-gw", false), ns("off", false)];
+    let mut pods = alibaba_pods("demo");
+    for (i, p) in pods.iter_mut().enumerate() {
+        p.ips = vec![format!("10.244.0.{}", 10 + i)];
+    }
+    // A labelled client with no service of its env, and a pod of a
+    // namespace that did not opt in (not a caller envlane knows).
+    let mut client = pod("demo", "client", "dev.proj1.user9", true);
+    client.ips = vec!["10.244.0.99".into()];
+    let mut outsider = pod("off", "node", "dev.proj2", true);
+    outsider.ips = vec!["10.244.1.1".into()];
+    pods.extend([client, outsider]);
+    let mut opts = opts_with(PluginConfig {
+        default_env: Some("dev".into()),
+        ..PluginConfig::default()
+    });
+    opts.shared_proxies = vec![
+        SharedProxy::parse_gateway("mesh-gw:app=envlane-gateway").unwrap(),
+        SharedProxy::parse_waypoint("demo/waypoint").unwrap(),
+    ];
+    let r = render(&namespaces, &pods, &alibaba_services("demo"), &opts).unwrap();
+    let plugin = |ns: &str, name: &str| {
+        r.objects
+            .iter()
+            .find(|o| o.key.kind == Kind::WasmPlugin && o.key.namespace == ns && o.key.name == name)
+            .map(|o| o.body())
+            .unwrap_or_else(|| panic!("no WasmPlugin {ns}/{name}"))
+    };
+    // The sidecars' table is unchanged: no callers, no proxy.
+    let sidecars = plugin("demo", "envlane");
+    assert!(sidecars["spec"]["pluginConfig"].get("callers").is_none());
+    assert_eq!(sidecars["spec"]["match"], json!([{"mode": "CLIENT"}]));
+
+    let gw = plugin("mesh-gw", GATEWAY_PLUGIN_NAME);
+    assert_eq!(
+        gw["spec"]["selector"],
+        json!({"matchLabels": {"app": "envlane-gateway"}})
+    );
+    assert!(gw["spec"].get("match").is_none());
+    let cfg: PluginConfig = serde_json::from_value(gw["spec"]["pluginConfig"].clone()).unwrap();
+    assert_eq!(cfg.proxy, envlane::config::Proxy::Gateway);
+    assert_eq!(
+        cfg.services, r.table.services,
+        "the same routes as the sidecars"
+    );
+    let env_of = |ip: &str| {
+        cfg.callers
+            .iter()
+            .find(|c| c.ips.iter().any(|i| i == ip))
+            .map(|c| cfg.envs[c.env as usize].name.clone())
+    };
+    assert_eq!(env_of("10.244.0.99").as_deref(), Some("dev.proj1.user9"));
+    assert_eq!(env_of("10.244.0.10").as_deref(), Some("dev"));
+    assert_eq!(env_of("10.244.1.1"), None, "not opted in");
+    let ips: usize = cfg.callers.iter().map(|c| c.ips.len()).sum();
+    assert_eq!(ips, 8, "7 alibaba pods and the client");
+
+    let wp = plugin("demo", WAYPOINT_PLUGIN_NAME);
+    assert_eq!(
+        wp["spec"]["targetRefs"],
+        json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}])
+    );
+    let cfg: PluginConfig = serde_json::from_value(wp["spec"]["pluginConfig"].clone()).unwrap();
+    assert_eq!(cfg.proxy, envlane::config::Proxy::Waypoint);
+    assert!(cfg
+        .caller_workloads
+        .iter()
+        .any(|w| w.namespace == "demo"
+            && w.workloads.contains(&"client-dev.proj1.user9".to_string())));
+
+    // Without shared proxies nothing of this is rendered.
+    opts.shared_proxies.clear();
+    let plain = render(&namespaces, &pods, &alibaba_services("demo"), &opts).unwrap();
+    assert!(plain
+        .objects
+        .iter()
+        .all(|o| o.key.name == "envlane" || o.key.kind != Kind::WasmPlugin));
 }

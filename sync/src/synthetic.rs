@@ -77,6 +77,16 @@ pub fn cluster(pods: usize, services: usize, namespaces: usize) -> Snapshot {
             ]
             .into(),
             ready: p % 10 != 9,
+            // 10.64.0.0/10: room for 4M pods, one address each.
+            ips: vec![format!(
+                "10.{}.{}.{}",
+                64 + (p >> 16),
+                (p >> 8) & 255,
+                p & 255
+            )],
+            host_network: false,
+            // What `workload_name` gives a bare pod (no owner in the JSON below).
+            workload: format!("svc{s}-{p}"),
         });
     }
     snap
@@ -93,7 +103,9 @@ pub fn to_kubectl_json(snap: &Snapshot) -> Value {
         items.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
             "status": {"phase": "Running", "conditions": [
-                {"type": "Ready", "status": if pod.ready { "True" } else { "False" }}]}}));
+                {"type": "Ready", "status": if pod.ready { "True" } else { "False" }}],
+                "podIP": pod.ips.first(),
+                "podIPs": pod.ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}}));
     }
     for svc in &snap.services {
         let ports: Vec<Value> = svc

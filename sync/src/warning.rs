@@ -28,6 +28,8 @@ pub enum Reason {
     /// A Service with env pods but none of the default env (or no default
     /// env set): requests without an env spread over every env's pods.
     NoDefaultEnv,
+    /// Pods of different envs hold one address: no caller table names it.
+    CallerAddressShared,
     /// Not a warning: a namespace's table was written (a Normal Event).
     TableWritten,
 }
@@ -53,6 +55,7 @@ impl Reason {
             Reason::WriteFailed => "WriteFailed",
             Reason::InvalidEnvLabel => "InvalidEnvLabel",
             Reason::NoDefaultEnv => "NoDefaultEnv",
+            Reason::CallerAddressShared => "CallerAddressShared",
             Reason::TableWritten => "TableWritten",
         }
     }
