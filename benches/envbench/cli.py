@@ -6,6 +6,9 @@ what it needs, installs the tools, then runs this).
   full    everything: wrk/h2load per request, callgrind of every variant,
           config pushes, the native criterion bench and the envlane-sync
           render; ~30 minutes
+  gateway one gateway Envoy vs one sidecar per calling pod (the alibaba demo
+          topology), CPU per request of all Envoys, req/s, latency, RSS;
+          merged into the results file under "gateway"; ~2-4 minutes
   report  print the markdown of a results file (--write-benchmarks: replace
           BENCHMARKS.md's generated section)
 
@@ -23,13 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import callgrind, load, native, push, report, variants
+from . import callgrind, gateway, load, native, push, report, variants
 from .common import DIST_BENCH, NOOP_WASM, RESULTS, check_built, harness, log, missing_tools, start_upstream
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benches/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="full", choices=["quick", "full", "report"])
+    ap.add_argument("mode", nargs="?", default="full", choices=["quick", "full", "gateway", "report"])
     ap.add_argument("--results", type=Path, default=RESULTS, help="results file (written by quick/full, read by report)")
     ap.add_argument("--write-benchmarks", action="store_true", help="report: replace the generated section of BENCHMARKS.md")
     ap.add_argument("--merge", action="store_true",
@@ -39,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--extra-wasm", action="append", default=[], metavar="NAME=PATH",
                     help="another build of the filter, measured as variant 'B NAME' in the same run (e.g. before=old.wasm)")
     ap.add_argument("--only", nargs="*", help="only these variants (e.g. A B 'C 100 envs'; 'B 10 pairs' and 'B 100k pairs' only by name)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render", "instructions"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render", "instructions", "gateway"])
     ap.add_argument("--duration", type=float, default=10.0, help="wrk: measured seconds per run (default 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="wrk: warm-up seconds per run (default 2)")
     ap.add_argument("--rounds", type=int, default=5, help="wrk: interleaved rounds per run (default 5)")
@@ -50,6 +53,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-profiles", type=Path, help="callgrind: copy each variant's profile here")
     ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
     ap.add_argument("--crit-warmup", type=float, default=1.0)
+    ap.add_argument("--gw-requests", type=int, default=3000, help="gateway: requests per round, layout and concurrency (default 3000)")
+    ap.add_argument("--gw-rounds", type=int, default=5, help="gateway: interleaved rounds (default 5)")
+    ap.add_argument("--gw-concurrency", type=int, nargs="+", default=[1, 4], help="gateway: client workers per run (default 1 4)")
+    ap.add_argument("--gw-warmup", type=int, default=300, help="gateway: requests per layout before measuring (default 300)")
+    ap.add_argument("--gw-idle", type=float, default=5.0, help="gateway: seconds of idle Envoy CPU measured (default 5)")
     return ap.parse_args(argv)
 
 
@@ -67,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_benchmarks:
             report.write_benchmarks(res)
             log("BENCHMARKS.md: generated section replaced")
+        return 0
+    if args.mode == "gateway":
+        check_built(harness.WASM)
+        figures = gateway.run(args)
+        gateway.write(figures, args.results)
+        print("\n".join(report.gateway_table({"gateway": figures})))
+        log(f"wrote {args.results} (key gateway)")
         return 0
     args.wasm = args.wasm.resolve()
     extra = {}
@@ -130,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             res["native"] = vars(native.criterion(args))
         if not quick and "render" not in args.skip:
             res["render"], res["render_note"] = native.sync_render(workdir)
+        if not quick and "gateway" not in args.skip:
+            res["gateway"] = gateway.run(args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res["variants"] = per_run
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         old = report.load(args.results)
         for name, figures in per_run.items():
             old.setdefault("variants", {}).setdefault(name, {}).update(figures)
-        for key in ("config_push", "native", "render", "render_note"):
+        for key in ("config_push", "native", "render", "render_note", "gateway"):
             if key in res:
                 old[key] = res[key]
         old["runs"] = old.get("runs", []) + res["runs"]

@@ -152,11 +152,81 @@ def native_tables(res: dict) -> list[str]:
     return out
 
 
+def gateway_table(res: dict) -> list[str]:
+    """Gateway mode (benches/envbench/gateway.py): one shared Envoy vs one
+    sidecar per calling pod, and the caller table natively."""
+    g = res.get("gateway")
+    if not g:
+        return []
+    st = g.get("settings", {})
+    out = [f"Gateway mode: one gateway Envoy vs sidecars, alibaba demo topology (3 Envoy passes per request), "
+           f"{st.get('rounds')} interleaved rounds x {st.get('requests_per_round'):,} requests per layout and client "
+           f"concurrency, {st.get('kinds')} request kinds; run {g.get('started')}, load average "
+           f"{g.get('loadavg_before')} / {g.get('loadavg_after')}, nice {g.get('nice')}:", "",
+           "| layout | clients | Envoys | Envoy RSS MiB | req/s | p50 µs | p99 µs | Envoy CPU µs/req | per hop | "
+           "Envoy CPU s | Envoy ctx switches/req | app CPU µs/req | errors | wrong |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lays = g.get("layouts", {})
+    for name, lay in lays.items():
+        for c, r in lay.get("runs", {}).items():
+            out.append(f"| {name} | {c} | {lay['envoy_processes']} | {lay['envoy_rss_mib']:.0f} | {_n(r['rps'])} | "
+                       f"{_n(r['p50_us'])} | {_n(r['p99_us'])} | {r['envoy_cpu_us_per_req']:.0f} | "
+                       f"{r['envoy_cpu_us_per_hop']:.0f} | {r['envoy_cpu_s']:.2f} | {r.get('envoy_ctxsw_per_req', '–')} | "
+                       f"{r['app_cpu_us_per_req']:.0f} | "
+                       f"{r['errors']} | {r['wrong']} |")
+    out.append("")
+    gw, sc = lays.get("gateway"), lays.get("sidecars")
+    if gw and sc:
+        out.append(f"Idle Envoy CPU (no requests, {st.get('idle_s')} s): gateway {gw['idle_envoy_cpu_ms_per_s']} ms/s, "
+                   f"sidecars {sc['idle_envoy_cpu_ms_per_s']} ms/s. Envoys left running after stop: "
+                   f"{g.get('envoys_left_running')}.")
+        for c in gw.get("runs", {}):
+            a, b = gw["runs"][c], sc["runs"].get(c)
+            if b and b["envoy_cpu_us_per_req"]:
+                out.append(f"- {c}: gateway/sidecars Envoy CPU per request {a['envoy_cpu_us_per_req'] / b['envoy_cpu_us_per_req']:.2f}x, "
+                           f"req/s {a['rps'] / b['rps']:.2f}x, p50 {a['p50_us'] / max(1, b['p50_us']):.2f}x")
+        out.append(f"- Envoy RSS: {gw['envoy_rss_mib']:.0f} MiB in {gw['envoy_processes']} process vs "
+                   f"{sc['envoy_rss_mib']:.0f} MiB in {sc['envoy_processes']}")
+        out.append("")
+    n = g.get("callers_native") or {}
+    if n.get("error"):
+        out += [f"Caller table natively: {n['error'].splitlines()[0]}", ""]
+    if n.get("ns"):
+        ns = dict(n["ns"])
+        ins = dict(n.get("instructions") or [])
+        sizes = ("10", "1k", "10k", "100k")
+        rows = [("env_of_address", "hot-v4"), ("env_of_address", "hot-v6"), ("env_of_address", "rotating"),
+                ("plan_for", "hot-v4"), ("plan_for", "rotating")]
+        out += ["Caller table natively (`cargo bench --bench callers`; ns per call, criterion; rotating = 4,096 callers "
+                "spread over the table, v4 and v6):", "",
+                "| call | " + " | ".join(f"{s} pods" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        for fn, which in rows:
+            out.append(f"| {fn} {which} | " + " | ".join(_n(ns.get(f"{fn}/pods={s}/{which}")) for s in sizes) + " |")
+        if ins:
+            for what, fn in (("lookup", "env_of_address"), ("plan", "plan_for")):
+                out.append(f"| {fn} rotating, instructions (callgrind) | "
+                           + " | ".join(_n(ins.get(f"{what}/pods={s}")) for s in sizes) + " |")
+        out.append("")
+    if n.get("table"):
+        out += ["| caller pods | JSON bytes | parse ms | compile ms | caller table compile ms | caller table heap KiB | bytes/pod |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for line in n["table"]:
+            kv = dict(x.split("=") for x in line.split())
+            out.append(f"| {kv['pods']} | {int(kv['json_bytes']):,} | {float(kv['parse_ms']):.3f} | {float(kv['compile_ms']):.3f} | "
+                       f"{float(kv['caller_table_compile_ms']):.3f} | {int(kv['caller_table_bytes']) / 1024:,.1f} | "
+                       f"{float(kv['bytes_per_pod']):.1f} |")
+        out.append("")
+    if n.get("allocs"):
+        out += ["Allocations per call: " + "; ".join(n["allocs"]), ""]
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res.get("machine", {})
     head = [f"Run `{res.get('mode', '?')}` at {res.get('started', '?')} ({res.get('elapsed_s', 0):.0f} s), build {m.get('git', '?')}; "
             f"{m.get('nproc', '?')} CPUs ({m.get('cpu', '?')}), {m.get('envoy', '?')}; {m.get('rustc', '?')}.", ""]
-    body = instructions_table(res) + load_table(res) + push_table(res) + native_tables(res) + budgets(res)
+    body = (instructions_table(res) + load_table(res) + push_table(res) + native_tables(res) + gateway_table(res)
+            + budgets(res))
     return "\n".join(head + body)
 
 
