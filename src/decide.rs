@@ -36,6 +36,12 @@ pub trait Caller {
     fn address(&self) -> Option<String>;
     /// The peer's (namespace, workload), when the proxy knows it by identity.
     fn workload(&self) -> Option<(String, String)>;
+    /// Waypoints: the filter chain the request arrived on,
+    /// `inbound-vip|PORT|PROTOCOL|FQDN`, chosen by the destination address
+    /// (not by anything the client writes in the request).
+    fn filter_chain(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A caller nothing is known of (sidecars, tools).
@@ -253,7 +259,7 @@ pub fn find_env<'a>(
     }
     if let Some(own) = &s.own_env {
         found.env = Some((Cow::Borrowed(own.as_str()), Source::Label));
-    } else if let Some(id) = caller_env(table, caller) {
+    } else if let Some(id) = caller_env(table, headers, caller) {
         found.env = table
             .env_name(id)
             .map(|name| (Cow::Borrowed(name.as_str()), Source::Caller));
@@ -262,8 +268,11 @@ pub fn find_env<'a>(
 }
 
 /// The caller's env from the caller table. A waypoint knows its peer by
-/// identity (mTLS) as well as by address: identity first.
-fn caller_env(table: &RoutingTable, caller: &impl Caller) -> Option<u32> {
+/// identity (mTLS) as well as by address: identity first. A waypoint's HTTP
+/// listener does not use the remote address (`use_remote_address: false`),
+/// so Envoy takes the source address from `x-forwarded-for` when a request
+/// has one: such a request is not looked up by address there.
+fn caller_env(table: &RoutingTable, headers: &impl Headers, caller: &impl Caller) -> Option<u32> {
     let callers = table.callers();
     if !table.settings.proxy.is_shared() || callers.is_empty() {
         return None;
@@ -274,9 +283,35 @@ fn caller_env(table: &RoutingTable, caller: &impl Caller) -> Option<u32> {
     };
     let by_address = || callers.env_of_address(&caller.address()?);
     match table.settings.proxy {
-        Proxy::Waypoint => by_workload().or_else(by_address),
+        Proxy::Waypoint => by_workload().or_else(|| {
+            if headers.values("x-forwarded-for").next().is_some() {
+                None
+            } else {
+                by_address()
+            }
+        }),
         _ => by_address(),
     }
+}
+
+/// A waypoint's filter chain `inbound-vip|PORT|PROTOCOL|FQDN` as the
+/// `FQDN:PORT` it serves.
+pub fn waypoint_destination(filter_chain: &str) -> Option<String> {
+    let mut parts = filter_chain.split('|');
+    let (Some(prefix), Some(port), Some(_protocol), Some(fqdn), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    if prefix != crate::table::WAYPOINT_CLUSTER_PREFIX || fqdn.is_empty() {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{fqdn}:{port}"))
 }
 
 /// The env at the edge: only what a rule gives (everything a request
@@ -311,7 +346,19 @@ pub fn plan_for<'t>(
         find_env(table, headers, caller)
     };
     let env = found.env.as_ref().map(|(e, _)| e.as_ref());
-    let authority = first(headers, ":authority");
+    // A waypoint serves the service whose address the request was sent to
+    // (its filter chain): the `:authority` a client writes cannot make it
+    // decide for another service.
+    let destination = match s.proxy {
+        Proxy::Waypoint => caller
+            .filter_chain()
+            .and_then(|chain| waypoint_destination(&chain)),
+        Proxy::Sidecar | Proxy::Gateway => None,
+    };
+    let authority = match destination {
+        Some(d) => Some(Cow::Owned(d)),
+        None => first(headers, ":authority"),
+    };
     let service = authority.as_deref().and_then(|a| table.service(a));
     let resolution = match &service {
         Some(svc) => resolve(table, env, svc),

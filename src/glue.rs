@@ -301,6 +301,8 @@ pub const SOURCE_ADDRESS_PATH: [&str; 2] = ["source", "address"];
 /// from the HBONE peer's identity): its namespace and workload name.
 pub const PEER_NAMESPACE_PATH: [&str; 3] = ["filter_state", "downstream_peer", "namespace"];
 pub const PEER_WORKLOAD_PATH: [&str; 3] = ["filter_state", "downstream_peer", "workload"];
+/// The filter chain a request arrived on (a waypoint's is per service).
+pub const FILTER_CHAIN_PATH: [&str; 2] = ["xds", "filter_chain_name"];
 
 /// The stream's peer, read from host properties only when asked.
 struct PeerOf<'h, H: Host>(&'h H);
@@ -319,6 +321,11 @@ impl<H: Host> Caller for PeerOf<'_, H> {
                 .filter(|s| !s.is_empty())
         };
         Some((text(&PEER_NAMESPACE_PATH)?, text(&PEER_WORKLOAD_PATH)?))
+    }
+
+    fn filter_chain(&self) -> Option<String> {
+        let bytes = self.0.property(&FILTER_CHAIN_PATH)?;
+        String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
     }
 }
 

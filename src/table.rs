@@ -201,7 +201,7 @@ impl RoutingTable {
             head_ends.clear();
             if config.mode == Mode::Cluster {
                 for p in &ports {
-                    let _ = write!(head_text, "outbound|{p}|");
+                    write_cluster_head(&mut head_text, config.proxy, *p);
                     head_ends.push(head_text.len());
                 }
             }
@@ -301,6 +301,12 @@ impl RoutingTable {
             return Err(ConfigError::new(
                 "callers",
                 "only a shared proxy (`proxy`: gateway or waypoint) looks callers up",
+            ));
+        }
+        if config.proxy == Proxy::Waypoint && config.mode == Mode::Host {
+            return Err(ConfigError::new(
+                "mode",
+                "a waypoint routes by its service's clusters (`cluster`): a new `:authority` does not change where it sends a request",
             ));
         }
         let edge_rules = EdgeRules::compile(&config.edge_rules, splitter)?;
@@ -422,6 +428,37 @@ pub fn istio_cluster(port: u16, subset: &str, fqdn: &str) -> String {
     format!("outbound|{port}|{subset}|{fqdn}")
 }
 
+/// The cluster istiod gives a service port (`subset` empty) or one of its
+/// DestinationRule subsets in the proxy the filter runs in: sidecars and
+/// gateways `outbound|PORT|SUBSET|FQDN`, waypoints
+/// `inbound-vip|PORT|http/SUBSET|FQDN` (`inbound-vip|PORT|http|FQDN` for the
+/// whole service), as istiod 1.31 names them.
+pub fn cluster_name(proxy: Proxy, port: u16, subset: &str, fqdn: &str) -> String {
+    let mut out = String::new();
+    write_cluster_head(&mut out, proxy, port);
+    if subset.is_empty() && proxy == Proxy::Waypoint {
+        // `inbound-vip|PORT|http/` → `inbound-vip|PORT|http|`
+        out.pop();
+        out.push('|');
+    } else {
+        out.push_str(subset);
+        out.push('|');
+    }
+    out.push_str(fqdn);
+    out
+}
+
+/// `outbound|PORT|` or `inbound-vip|PORT|http/`: what precedes the subset.
+fn write_cluster_head(out: &mut String, proxy: Proxy, port: u16) {
+    let _ = match proxy {
+        Proxy::Sidecar | Proxy::Gateway => write!(out, "outbound|{port}|"),
+        Proxy::Waypoint => write!(out, "{WAYPOINT_CLUSTER_PREFIX}|{port}|http/"),
+    };
+}
+
+/// Prefix of the clusters istiod gives a waypoint for a service.
+pub const WAYPOINT_CLUSTER_PREFIX: &str = "inbound-vip";
+
 /// One port of a service and the clusters the filter can choose for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortTargets<'t> {
@@ -451,7 +488,12 @@ impl Targets {
             count = count.saturating_add(target_count(s, config.mode));
             if config.mode == Mode::Cluster {
                 // outbound|PORT|SUBSET|FQDN
-                let fixed: usize = s.ports.iter().map(|p| 11 + decimal_len(*p)).sum();
+                // `outbound|` + `|` + `|` (11) or `inbound-vip|` + `|http/` + `|` (19).
+                let head = match config.proxy {
+                    Proxy::Waypoint => 19,
+                    Proxy::Sidecar | Proxy::Gateway => 11,
+                };
+                let fixed: usize = s.ports.iter().map(|p| head + decimal_len(*p)).sum();
                 for &env in &s.envs {
                     let subset = subsets.get(env as usize).map_or(0, |n| n.as_str().len());
                     let each = subset.saturating_add(s.host.len());
@@ -828,12 +870,50 @@ mod tests {
                 .collect(),
             ..PluginConfig::default()
         };
+        for proxy in [Proxy::Sidecar, Proxy::Gateway, Proxy::Waypoint] {
+            let config = PluginConfig {
+                proxy,
+                ..config.clone()
+            };
+            let table = RoutingTable::compile(&config, &Node::default()).expect("valid");
+            let t = &table.targets;
+            assert_eq!(t.ends.len(), 50 * 3 * 4);
+            assert_eq!(
+                (t.text.len(), t.ends.len()),
+                (t.text.capacity(), t.ends.capacity()),
+                "{proxy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waypoint_targets_are_its_inbound_vip_clusters() {
+        let config = PluginConfig {
+            proxy: Proxy::Waypoint,
+            envs: vec![EnvEntry {
+                name: "dev.a".into(),
+                subset: Some("dev-a".into()),
+            }],
+            services: vec![ServiceEntry {
+                host: "api.ns.svc.cluster.local".into(),
+                ports: vec![8080],
+                envs: vec![0],
+            }],
+            ..PluginConfig::default()
+        };
         let table = RoutingTable::compile(&config, &Node::default()).expect("valid");
-        let t = &table.targets;
-        assert_eq!(t.ends.len(), 50 * 3 * 4);
+        let got = table.cluster_targets();
         assert_eq!(
-            (t.text.len(), t.ends.len()),
-            (t.text.capacity(), t.ends.capacity())
+            got[0].targets,
+            ["inbound-vip|8080|http/dev-a|api.ns.svc.cluster.local"]
+        );
+        assert_eq!(
+            cluster_name(Proxy::Waypoint, 8080, "", "api.ns.svc.cluster.local"),
+            "inbound-vip|8080|http|api.ns.svc.cluster.local"
+        );
+        assert_eq!(
+            cluster_name(Proxy::Gateway, 8080, "dev-a", "api.ns.svc.cluster.local"),
+            istio_cluster(8080, "dev-a", "api.ns.svc.cluster.local")
         );
     }
 

@@ -592,3 +592,26 @@ fn values_that_are_not_utf8() {
         );
     }
 }
+
+#[test]
+fn a_waypoint_filter_chain_names_its_service_port() {
+    use envlane::decide::waypoint_destination;
+    for (chain, want) in [
+        (
+            "inbound-vip|8080|http|go.demo.svc.cluster.local",
+            Some("go.demo.svc.cluster.local:8080"),
+        ),
+        (
+            "inbound-vip|80|http2|a.b.svc.cluster.local",
+            Some("a.b.svc.cluster.local:80"),
+        ),
+        ("inbound|8080|http|go.demo.svc.cluster.local", None),
+        ("inbound-vip|0x50|http|go", None),
+        ("inbound-vip|8080|http|", None),
+        ("inbound-vip|8080|http|go|x", None),
+        ("0.0.0.0_8080", None),
+        ("", None),
+    ] {
+        assert_eq!(waypoint_destination(chain).as_deref(), want, "{chain}");
+    }
+}

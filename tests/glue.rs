@@ -725,29 +725,85 @@ fn a_gateway_finds_a_request_without_env_by_its_caller() {
 }
 
 #[test]
-fn a_waypoint_knows_its_caller_by_workload_first() {
+fn a_waypoint_knows_its_caller_by_workload_first_and_its_service_by_filter_chain() {
     use envlane::config::Proxy;
-    use envlane::glue::{PEER_NAMESPACE_PATH, PEER_WORKLOAD_PATH, SOURCE_ADDRESS_PATH};
+    use envlane::glue::{
+        FILTER_CHAIN_PATH, PEER_NAMESPACE_PATH, PEER_WORKLOAD_PATH, SOURCE_ADDRESS_PATH,
+    };
     let json = serde_json::to_string(&shared_proxy(Proxy::Waypoint)).unwrap();
-    // (peer address, peer (namespace, workload), env routed to)
-    type Case<'a> = (Option<&'a str>, Option<(&'a str, &'a str)>, &'a str);
+    let waypoint_cluster = |(service, env): (&str, &str)| {
+        format!(
+            "inbound-vip|8080|http/{}|{service}.demo.svc.cluster.local",
+            common::subset(env)
+        )
+    };
+    type Case<'a> = (
+        Option<&'a str>,
+        Option<(&'a str, &'a str)>,
+        &'a [(&'a str, &'a [u8])],
+        Option<&'a str>,
+        (&'a str, &'a str),
+    );
+    let go = "inbound-vip|8080|http|go.demo.svc.cluster.local";
+    // (peer address, peer (namespace, workload), request, filter chain, routed to)
     let cases: &[Case] = &[
         (
             Some("10.244.0.5:1"),
             Some(("demo", "node-proj2")),
-            "dev.proj2",
+            &[(":authority", b"go:8080")],
+            Some(go),
+            ("go", "dev.proj2"),
         ),
-        (Some("10.244.0.5:1"), Some(("demo", "unknown")), "dev.proj1"),
+        // Unknown workload: by address (dev.proj1, which go falls back to dev for).
         (
             Some("10.244.0.5:1"),
-            Some(("other", "node-proj2")),
-            "dev.proj1",
+            Some(("demo", "unknown")),
+            &[(":authority", b"go:8080")],
+            Some(go),
+            ("go", "dev"),
         ),
-        (None, Some(("demo", "node-proj2")), "dev.proj2"),
-        (None, None, "dev"),
+        (
+            None,
+            Some(("demo", "node-proj2")),
+            &[(":authority", b"go:8080")],
+            Some(go),
+            ("go", "dev.proj2"),
+        ),
+        (
+            None,
+            None,
+            &[(":authority", b"go:8080")],
+            Some(go),
+            ("go", "dev"),
+        ),
+        // The destination is the filter chain's service, whatever the host says.
+        (
+            None,
+            Some(("demo", "node-proj2")),
+            &[(":authority", b"java:8080")],
+            Some(go),
+            ("go", "dev.proj2"),
+        ),
+        // With x-forwarded-for a waypoint's source address may be the
+        // client's writing: not looked up (an address that would give
+        // dev.proj2 here gives the default).
+        (
+            Some("[fd00::7]:1"),
+            None,
+            &[(":authority", b"go:8080"), ("x-forwarded-for", b"fd00::7")],
+            Some(go),
+            ("go", "dev"),
+        ),
+        (
+            Some("[fd00::7]:1"),
+            None,
+            &[(":authority", b"go:8080")],
+            Some(go),
+            ("go", "dev.proj2"),
+        ),
     ];
-    for (address, peer, env) in cases {
-        let mut host = Fake::new(&json).with_request(&[(":authority", b"go:8080")]);
+    for (address, peer, headers, chain, target) in cases {
+        let mut host = Fake::new(&json).with_request(headers);
         if let Some(a) = address {
             host.properties
                 .insert(SOURCE_ADDRESS_PATH.join("\0"), a.as_bytes().to_vec());
@@ -758,13 +814,15 @@ fn a_waypoint_knows_its_caller_by_workload_first() {
             host.properties
                 .insert(PEER_WORKLOAD_PATH.join("\0"), wl.as_bytes().to_vec());
         }
-        run(&host);
-        let want = if *env == "dev.proj1" { "dev" } else { env };
-        // go has no dev.proj1: its chain falls back to dev.
+        if let Some(c) = chain {
+            host.properties
+                .insert(FILTER_CHAIN_PATH.join("\0"), c.as_bytes().to_vec());
+        }
+        assert_eq!(run(&host), Configured::Loaded);
         assert_eq!(
             host.routed_to(),
-            Some(cluster(("go", want))),
-            "{address:?} {peer:?}"
+            Some(waypoint_cluster(*target)),
+            "{address:?} {peer:?} {headers:?}"
         );
     }
 }

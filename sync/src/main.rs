@@ -101,8 +101,10 @@ fn route_patches_cmd(args: &RoutePatchesArgs) -> Result<(), String> {
         .iter()
         .flat_map(|p| p.targets.iter().copied())
         .collect();
+    // The routes of the proxy the table is for (its `proxy`).
+    let shape = envlane_sync::routes::Shape::of(config.proxy);
     let (by_service, warnings) =
-        envlane_sync::routes::patches(&port_targets, &refs, &config.cluster_domain);
+        envlane_sync::routes::patches_for(shape, &port_targets, &refs, &config.cluster_domain);
     let patches: Vec<_> = by_service.into_iter().flat_map(|(_, p)| p).collect();
     let warnings: Vec<&str> = warnings.iter().map(|w| w.message.as_str()).collect();
     let out =

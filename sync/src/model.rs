@@ -196,6 +196,8 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     /// Applies to sidecars: `gateways` is empty or lists `mesh`.
     pub for_mesh: bool,
+    /// Bound to a gateway: `gateways` lists one other than `mesh`.
+    pub for_gateway: bool,
     pub http: Vec<HttpRoute>,
 }
 
@@ -296,6 +298,7 @@ impl VirtualService {
             name: name.to_string(),
             hosts: strings(spec.get("hosts")),
             for_mesh: gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
+            for_gateway: gateways.iter().any(|g| g != "mesh"),
             http,
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, ServiceEntry};
+use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, Proxy, ServiceEntry};
 use envlane::names::{fnv1a64, EnvName, Splitter, SubsetName};
 use envlane::table::{HostTemplate, Node, RoutingTable};
 use serde::Serialize;
@@ -157,11 +157,13 @@ impl ObjectKey {
                 .name
                 .strip_prefix(DESTINATION_RULE_PREFIX)
                 .map(|svc| (self.namespace.as_str(), svc)),
+            // `envlane-routes.NS.SVC`, and `….waypoint` for its waypoints'.
             Kind::EnvoyFilter => self
                 .name
                 .strip_prefix(routes::ENVOY_FILTER_NAME)
                 .and_then(|rest| rest.strip_prefix('.'))
-                .and_then(|rest| rest.split_once('.')),
+                .and_then(|rest| rest.split_once('.'))
+                .map(|(ns, svc)| (ns, svc.strip_suffix(routes::WAYPOINT_SUFFIX).unwrap_or(svc))),
             Kind::WasmPlugin | Kind::Service => None,
         }
     }
@@ -412,7 +414,7 @@ pub fn render<'a>(
             continue;
         }
         if settings.mode == Mode::Cluster {
-            let held = [
+            let mut held = vec![
                 ObjectKey {
                     namespace: svc.namespace.clone(),
                     kind: Kind::DestinationRule,
@@ -424,6 +426,13 @@ pub fn render<'a>(
                     name: routes::envoy_filter_name(&svc.namespace, &svc.name),
                 },
             ];
+            if shared_plugins.iter().any(|p| p.proxy == Proxy::Waypoint) {
+                held.push(ObjectKey {
+                    namespace: opts.istio_root_namespace.clone(),
+                    kind: Kind::EnvoyFilter,
+                    name: routes::waypoint_envoy_filter_name(&svc.namespace, &svc.name),
+                });
+            }
             if let Some(key) = held.iter().find(|k| opts.blocked.contains(k)) {
                 warnings.push(Warning::new(
                     Regarding::service(&svc.namespace, &svc.name),
@@ -681,7 +690,14 @@ pub fn render<'a>(
         .map(|(svc, _)| (fqdn(svc, &settings.cluster_domain), *svc))
         .collect();
     // One service's route patches at a time, straight into its object.
-    let route_warnings = routes::each_service_patches(
+    // A centralized gateway's routes get the same patch (same clusters).
+    let shapes: &[routes::Shape] = if shared_plugins.iter().any(|p| p.proxy == Proxy::Gateway) {
+        &[routes::Shape::Sidecar, routes::Shape::Gateway]
+    } else {
+        &[routes::Shape::Sidecar]
+    };
+    let route_warnings = routes::each_service_patches_for(
+        shapes,
         &port_targets,
         &virtual_services,
         &settings.cluster_domain,
@@ -698,12 +714,52 @@ pub fn render<'a>(
                     &[],
                     &EnvoyFilterSpec {
                         config_patches: patches,
+                        target_refs: None,
                     },
                 ));
             }
         },
     );
     warnings.extend(route_warnings);
+    // Waypoints: their own clusters (`inbound-vip|…`), their own objects.
+    if shared_plugins.iter().any(|p| p.proxy == Proxy::Waypoint) {
+        let waypoint_table = PluginConfig {
+            proxy: Proxy::Waypoint,
+            ..table.clone()
+        };
+        let compiled = RoutingTable::compile(&waypoint_table, &Node::default())
+            .map_err(RenderError::InvalidTable)?;
+        let waypoint_targets = compiled.cluster_targets();
+        let waypoint_warnings = routes::each_service_patches_for(
+            &[routes::Shape::Waypoint],
+            &waypoint_targets,
+            &virtual_services,
+            &settings.cluster_domain,
+            |host, patches| {
+                if let Some(svc) = by_fqdn.get(host) {
+                    objects.push(object(
+                        Kind::EnvoyFilter,
+                        &opts.istio_root_namespace,
+                        &routes::waypoint_envoy_filter_name(&svc.namespace, &svc.name),
+                        &[
+                            (SERVICE_LABEL, &svc.name),
+                            (SERVICE_NAMESPACE_LABEL, &svc.namespace),
+                        ],
+                        &[],
+                        &EnvoyFilterSpec {
+                            config_patches: patches,
+                            target_refs: Some([TargetRef {
+                                group: "gateway.networking.k8s.io",
+                                kind: "GatewayClass",
+                                name: routes::WAYPOINT_GATEWAY_CLASS,
+                            }]),
+                        },
+                    ));
+                }
+            },
+        );
+        warnings.extend(waypoint_warnings);
+    }
     for (svc, envs) in &with_envs {
         let pairs: Vec<(&str, &str)> = envs
             .iter()
@@ -884,6 +940,16 @@ struct MetadataJson<'a> {
 struct EnvoyFilterSpec<'a> {
     #[serde(rename = "configPatches")]
     config_patches: &'a [routes::RoutePatch<'a>],
+    /// Waypoints' patches: the waypoint GatewayClass (sidecars have none).
+    #[serde(rename = "targetRefs", skip_serializing_if = "Option::is_none")]
+    target_refs: Option<[TargetRef; 1]>,
+}
+
+#[derive(Serialize)]
+struct TargetRef {
+    group: &'static str,
+    kind: &'static str,
+    name: &'static str,
 }
 
 /// An object with `labels`, `spec` and, besides the content hash (of

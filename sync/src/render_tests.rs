@@ -1278,3 +1278,147 @@ fn shared_proxies_get_their_own_plugin_with_the_caller_table() {
         .iter()
         .all(|o| o.key.name == "envlane" || o.key.kind != Kind::WasmPlugin));
 }
+
+/// Gateway mode's routes: a centralized gateway's VirtualServices get the
+/// same patch (context GATEWAY) in the Service's EnvoyFilter; waypoints get
+/// their own EnvoyFilter per Service with their own cluster names, except
+/// where a VirtualService covers the Service (istiod does not patch those
+/// routes at a waypoint: a warning instead).
+#[test]
+fn gateway_and_waypoint_route_patches() {
+    use crate::shared::SharedProxy;
+    let namespaces = [ns("demo", true), ns("mesh-gw", false)];
+    let pods = alibaba_pods("demo");
+    let services = alibaba_services("demo");
+    let on_gateway = VirtualService::from_spec(
+        "mesh-gw",
+        "java",
+        &serde_json::json!({"hosts": ["java.demo.svc.cluster.local"], "gateways": ["envlane-gateway"],
+                            "http": [{"route": [{"destination": {"host": "java.demo.svc.cluster.local"}}]}]}),
+    );
+    let mesh_go = VirtualService::from_spec(
+        "demo",
+        "go",
+        &serde_json::json!({"hosts": ["go"], "http": [{"route": [{"destination": {"host": "go"}}]}]}),
+    );
+    let opts = RenderOptions {
+        shared_proxies: vec![
+            SharedProxy::parse_gateway("mesh-gw:app=envlane-gateway").unwrap(),
+            SharedProxy::parse_waypoint("demo/waypoint").unwrap(),
+        ],
+        ..RenderOptions::default()
+    };
+    let r = super::render(
+        &namespaces,
+        &pods,
+        &services,
+        [&on_gateway, &mesh_go],
+        &opts,
+    )
+    .unwrap();
+    let filter = |name: &str| {
+        r.objects
+            .iter()
+            .find(|o| o.key.kind == Kind::EnvoyFilter && o.key.name == name)
+            .map(|o| o.body()["spec"].clone())
+    };
+    let contexts = |spec: &Value| -> Vec<String> {
+        spec["configPatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    p["match"]["context"].as_str().unwrap(),
+                    p["match"]["routeConfiguration"]["vhost"]["name"]
+                        .as_str()
+                        .unwrap()
+                )
+            })
+            .collect()
+    };
+    // java is bound to the gateway: sidecars' and the gateway's patch.
+    let java = filter("envlane-routes.demo.java").unwrap();
+    assert_eq!(
+        contexts(&java),
+        [
+            "SIDECAR_OUTBOUND java.demo.svc.cluster.local:8080",
+            "GATEWAY java.demo.svc.cluster.local:8080"
+        ]
+    );
+    // node has no gateway VirtualService: no gateway vhost to patch.
+    let node = filter("envlane-routes.demo.node").unwrap();
+    assert_eq!(
+        contexts(&node),
+        ["SIDECAR_OUTBOUND node.demo.svc.cluster.local:8080"]
+    );
+
+    // Waypoints: their clusters, their route config, the waypoint class.
+    let waypoint = filter("envlane-routes.demo.java.waypoint").unwrap();
+    assert_eq!(
+        waypoint["targetRefs"],
+        serde_json::json!([{"group": "gateway.networking.k8s.io", "kind": "GatewayClass", "name": "istio-waypoint"}])
+    );
+    let patch = &waypoint["configPatches"][0];
+    assert_eq!(patch["match"]["context"], "SIDECAR_INBOUND");
+    assert_eq!(
+        patch["match"]["routeConfiguration"],
+        serde_json::json!({"name": "inbound-vip|8080|http|java.demo.svc.cluster.local",
+                           "vhost": {"name": "inbound|http|8080", "route": {"action": "ROUTE"}}})
+    );
+    let matcher = &patch["patch"]["value"]["route"]["inline_cluster_specifier_plugin"]["extension"]
+        ["typed_config"]["cluster_matcher"];
+    let targets: Vec<&String> = matcher["matcher_tree"]["exact_match_map"]["map"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(targets.len(), 3);
+    assert!(
+        targets
+            .iter()
+            .all(|t| t.starts_with("inbound-vip|8080|http/")),
+        "{targets:?}"
+    );
+    assert_eq!(
+        matcher["on_no_match"]["action"]["typed_config"]["cluster"],
+        "inbound-vip|8080|http|java.demo.svc.cluster.local"
+    );
+    // go is covered by a mesh VirtualService: no waypoint patch, a warning.
+    assert!(filter("envlane-routes.demo.go.waypoint").is_none());
+    assert!(r
+        .warnings
+        .iter()
+        .any(|w| w.reason == Reason::WaypointRoutesNotPatched && w.message.contains("go.demo")));
+    // The waypoint filter belongs to its Service's tenant.
+    let key = r
+        .objects
+        .iter()
+        .find(|o| o.key.name == "envlane-routes.demo.java.waypoint")
+        .unwrap()
+        .key
+        .clone();
+    assert_eq!(key.service(), Some(("demo", "java")));
+    assert_eq!(key.tenant(), "demo");
+
+    // Without gateway mode the objects are what they were.
+    let plain = super::render(
+        &namespaces,
+        &pods,
+        &services,
+        [&on_gateway, &mesh_go],
+        &RenderOptions::default(),
+    )
+    .unwrap();
+    let java = plain
+        .objects
+        .iter()
+        .find(|o| o.key.name == "envlane-routes.demo.java")
+        .unwrap();
+    assert_eq!(contexts(&java.body()["spec"]).len(), 1);
+    assert!(plain
+        .objects
+        .iter()
+        .all(|o| !o.key.name.ends_with(".waypoint")));
+}

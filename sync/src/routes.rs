@@ -13,8 +13,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use envlane::config::Proxy;
 use envlane::config::ROUTE_STATE_KEY;
-use envlane::table::{istio_cluster, PortTargets};
+use envlane::table::{cluster_name, istio_cluster, PortTargets};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -61,8 +62,45 @@ fn covers(pattern: &str, fqdn: &str) -> bool {
             .is_some_and(|suffix| suffix.starts_with('.') && fqdn.ends_with(suffix))
 }
 
+/// Which proxies' routes a patch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Sidecars' outbound routes (vhost `FQDN:PORT`, istiod's default route
+    /// when no VirtualService covers the host).
+    Sidecar,
+    /// A centralized gateway's routes: its servers keep the service port,
+    /// so the vhost is `FQDN:PORT` too, built only from VirtualServices
+    /// bound to a gateway.
+    Gateway,
+    /// A waypoint's inbound-vip routes for the service (istiod's default
+    /// route only: it applies no patch to routes from a VirtualService).
+    Waypoint,
+}
+
+impl Shape {
+    /// The routes a table for `proxy` is patched into.
+    pub fn of(proxy: Proxy) -> Self {
+        match proxy {
+            Proxy::Sidecar => Self::Sidecar,
+            Proxy::Gateway => Self::Gateway,
+            Proxy::Waypoint => Self::Waypoint,
+        }
+    }
+}
+
 /// The scopes to patch for `fqdn:port`, and why some routes are left alone.
 pub fn plan(
+    fqdn: &str,
+    port: u16,
+    virtual_services: &[&VirtualService],
+    cluster_domain: &str,
+) -> (Vec<Scope>, Vec<Warning>) {
+    plan_for(Shape::Sidecar, fqdn, port, virtual_services, cluster_domain)
+}
+
+/// [`plan`] for the routes of one kind of proxy.
+pub fn plan_for(
+    shape: Shape,
     fqdn: &str,
     port: u16,
     virtual_services: &[&VirtualService],
@@ -71,15 +109,35 @@ pub fn plan(
     let covering: Vec<&&VirtualService> = virtual_services
         .iter()
         .filter(|vs| {
-            vs.for_mesh
+            let bound = match shape {
+                Shape::Sidecar | Shape::Waypoint => vs.for_mesh,
+                Shape::Gateway => vs.for_gateway,
+            };
+            bound
                 && vs
                     .hosts
                     .iter()
                     .any(|h| covers(&resolve(h, &vs.namespace, cluster_domain), fqdn))
         })
         .collect();
-    if covering.is_empty() {
-        return (vec![Scope::WholeVhost], Vec::new());
+    match (shape, covering.first()) {
+        (Shape::Sidecar | Shape::Waypoint, None) => return (vec![Scope::WholeVhost], Vec::new()),
+        // No VirtualService on a gateway: no vhost there to patch.
+        (Shape::Gateway, None) => return (Vec::new(), Vec::new()),
+        (Shape::Waypoint, Some(vs)) => {
+            return (
+                Vec::new(),
+                vec![Warning::new(
+                    Regarding::virtual_service(&vs.namespace, &vs.name),
+                    Reason::WaypointRoutesNotPatched,
+                    format!(
+                        "VirtualService {}/{} covers {fqdn}: istiod applies no EnvoyFilter to a waypoint's VirtualService routes, so {fqdn}:{port} is not env-routed at waypoints",
+                        vs.namespace, vs.name
+                    ),
+                )],
+            )
+        }
+        _ => {}
     }
     let mut all_plain = covering.len() == 1;
     let mut named = BTreeSet::new();
@@ -141,6 +199,10 @@ struct PatchMatch<'a> {
 
 #[derive(Debug, Serialize)]
 struct RouteConfiguration<'a> {
+    /// Waypoints: every service's vhost has one name, the route config's
+    /// is the service's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     vhost: Vhost<'a>,
 }
 
@@ -242,13 +304,44 @@ fn cluster_action<S>(cluster: S) -> ClusterAction<S> {
 impl<'a> RoutePatch<'a> {
     /// The EnvoyFilter patch for one service port and scope.
     pub fn new(targets: &PortTargets<'a>, scope: &'a Scope) -> Self {
+        Self::for_shape(Shape::Sidecar, targets, scope)
+    }
+
+    /// The patch for one service port and scope in one kind of proxy; the
+    /// targets are that proxy's cluster names.
+    pub fn for_shape(shape: Shape, targets: &PortTargets<'a>, scope: &'a Scope) -> Self {
+        let (fqdn, port) = (targets.fqdn, targets.port);
+        let (context, config_name, vhost, own) = match shape {
+            Shape::Sidecar => (
+                "SIDECAR_OUTBOUND",
+                None,
+                format!("{fqdn}:{port}"),
+                istio_cluster(port, "", fqdn),
+            ),
+            Shape::Gateway => (
+                "GATEWAY",
+                None,
+                format!("{fqdn}:{port}"),
+                istio_cluster(port, "", fqdn),
+            ),
+            Shape::Waypoint => {
+                let own = cluster_name(Proxy::Waypoint, port, "", fqdn);
+                (
+                    "SIDECAR_INBOUND",
+                    Some(own.clone()),
+                    format!("inbound|http|{port}"),
+                    own,
+                )
+            }
+        };
         RoutePatch {
             apply_to: "HTTP_ROUTE",
             route_match: PatchMatch {
-                context: "SIDECAR_OUTBOUND",
+                context,
                 route_configuration: RouteConfiguration {
+                    name: config_name,
                     vhost: Vhost {
-                        name: format!("{}:{}", targets.fqdn, targets.port),
+                        name: vhost,
                         route: RouteSelector {
                             action: "ROUTE",
                             name: match scope {
@@ -285,11 +378,7 @@ impl<'a> RoutePatch<'a> {
                                                 },
                                             },
                                         },
-                                        on_no_match: cluster_action(istio_cluster(
-                                            targets.port,
-                                            "",
-                                            targets.fqdn,
-                                        )),
+                                        on_no_match: cluster_action(own),
                                     },
                                 },
                             },
@@ -313,14 +402,30 @@ pub fn patches<'t>(
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
 ) -> (Vec<(&'t str, Vec<Value>)>, Vec<Warning>) {
+    patches_for(Shape::Sidecar, targets, virtual_services, cluster_domain)
+}
+
+/// [`patches`] for one kind of proxy (targets in its cluster names).
+pub fn patches_for<'t>(
+    shape: Shape,
+    targets: &[PortTargets<'t>],
+    virtual_services: &[&VirtualService],
+    cluster_domain: &str,
+) -> (Vec<(&'t str, Vec<Value>)>, Vec<Warning>) {
     let mut out: Vec<(&'t str, Vec<Value>)> = Vec::new();
-    let warnings = each_service_patches(targets, virtual_services, cluster_domain, |fqdn, list| {
-        let values = list
-            .iter()
-            .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
-            .collect();
-        out.push((fqdn, values));
-    });
+    let warnings = each_service_patches_for(
+        &[shape],
+        targets,
+        virtual_services,
+        cluster_domain,
+        |fqdn, list| {
+            let values = list
+                .iter()
+                .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+                .collect();
+            out.push((fqdn, values));
+        },
+    );
     (out, warnings)
 }
 
@@ -329,6 +434,24 @@ pub fn patches<'t>(
 /// an object before the next service's are built: thousands of services'
 /// parsed patches at once were most of a pass's memory. Returns the warnings.
 pub fn each_service_patches<'t>(
+    targets: &[PortTargets<'t>],
+    virtual_services: &[&VirtualService],
+    cluster_domain: &str,
+    each: impl FnMut(&'t str, &[RoutePatch<'_>]),
+) -> Vec<Warning> {
+    each_service_patches_for(
+        &[Shape::Sidecar],
+        targets,
+        virtual_services,
+        cluster_domain,
+        each,
+    )
+}
+
+/// [`each_service_patches`] with the patches of each shape in `shapes`
+/// (which share cluster names: sidecars and gateways) in one list.
+pub fn each_service_patches_for<'t>(
+    shapes: &[Shape],
     targets: &[PortTargets<'t>],
     virtual_services: &[&VirtualService],
     cluster_domain: &str,
@@ -344,17 +467,21 @@ pub fn each_service_patches<'t>(
             .position(|t| t.fqdn != first.fqdn)
             .map_or(targets.len(), |n| start + n);
         let ports = targets.get(start..end).unwrap_or_default();
-        let scopes: Vec<(&PortTargets<'t>, Vec<Scope>)> = ports
+        let scopes: Vec<(Shape, &PortTargets<'t>, Vec<Scope>)> = shapes
             .iter()
-            .map(|t| {
-                let (scopes, why) = plan(t.fqdn, t.port, virtual_services, cluster_domain);
+            .flat_map(|&shape| ports.iter().map(move |t| (shape, t)))
+            .map(|(shape, t)| {
+                let (scopes, why) =
+                    plan_for(shape, t.fqdn, t.port, virtual_services, cluster_domain);
                 warnings.extend(why);
-                (t, scopes)
+                (shape, t, scopes)
             })
             .collect();
         let list: Vec<RoutePatch<'_>> = scopes
             .iter()
-            .flat_map(|(t, scopes)| scopes.iter().map(|s| RoutePatch::new(t, s)))
+            .flat_map(|(shape, t, scopes)| {
+                scopes.iter().map(|s| RoutePatch::for_shape(*shape, t, s))
+            })
             .collect();
         if !list.is_empty() {
             each(first.fqdn, &list);
@@ -369,6 +496,18 @@ pub fn each_service_patches<'t>(
 pub fn envoy_filter_name(namespace: &str, service: &str) -> String {
     format!("{ENVOY_FILTER_NAME}.{namespace}.{service}")
 }
+
+/// The name of a service's waypoint route EnvoyFilter (a separate object:
+/// it targets the waypoint GatewayClass, which sidecars are not).
+pub fn waypoint_envoy_filter_name(namespace: &str, service: &str) -> String {
+    format!("{}{WAYPOINT_SUFFIX}", envoy_filter_name(namespace, service))
+}
+
+/// Suffix of [`waypoint_envoy_filter_name`].
+pub const WAYPOINT_SUFFIX: &str = ".waypoint";
+
+/// The GatewayClass of Istio's waypoints: a waypoint patch targets it.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
 
 #[cfg(test)]
 mod tests {
@@ -419,6 +558,7 @@ mod tests {
             name: "vs".into(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             for_mesh: true,
+            for_gateway: false,
             http,
         }
     }
@@ -432,6 +572,7 @@ mod tests {
     fn which_routes_are_patched() {
         let gateway_only = VirtualService {
             for_mesh: false,
+            for_gateway: true,
             ..vs("demo", &["go"], vec![rule(None, Some("go-v2"), &[])])
         };
         let cases: Vec<(&str, Vec<VirtualService>, Vec<Scope>, usize)> = vec![

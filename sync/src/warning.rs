@@ -30,6 +30,8 @@ pub enum Reason {
     NoDefaultEnv,
     /// Pods of different envs hold one address: no caller table names it.
     CallerAddressShared,
+    /// A VirtualService covers a Service: waypoints get no envlane route.
+    WaypointRoutesNotPatched,
     /// Not a warning: a namespace's table was written (a Normal Event).
     TableWritten,
 }
@@ -56,6 +58,7 @@ impl Reason {
             Reason::InvalidEnvLabel => "InvalidEnvLabel",
             Reason::NoDefaultEnv => "NoDefaultEnv",
             Reason::CallerAddressShared => "CallerAddressShared",
+            Reason::WaypointRoutesNotPatched => "WaypointRoutesNotPatched",
             Reason::TableWritten => "TableWritten",
         }
     }
