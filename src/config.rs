@@ -164,7 +164,9 @@ pub struct PluginConfig {
     pub debug: bool,
     /// The filter runs at the mesh edge (an ingress gateway): it removes from
     /// every request what outsiders must not set (`envHeader`, the baggage
-    /// member, alias headers and cookies, `debugHeader`) and routes nothing.
+    /// member, alias headers and cookies, `debugHeader`); the env is only
+    /// what `edgeRules` give (then set as `envHeader` for the hops behind).
+    /// Routes only hosts in its own table (none in the shipped edge config).
     #[serde(default, skip_serializing_if = "is_false")]
     #[cfg_attr(feature = "schema", schemars(extend("default" = false)))]
     pub edge: bool,
