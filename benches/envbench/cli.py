@@ -53,8 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-profiles", type=Path, help="callgrind: copy each variant's profile here")
     ap.add_argument("--crit-time", type=float, default=2.0, help="criterion measurement seconds per bench")
     ap.add_argument("--crit-warmup", type=float, default=1.0)
-    ap.add_argument("--gw-requests", type=int, default=3000, help="gateway: requests per round, layout and concurrency (default 3000)")
-    ap.add_argument("--gw-rounds", type=int, default=5, help="gateway: interleaved rounds (default 5)")
+    ap.add_argument("--gw-requests", type=int, default=2000,
+                    help="gateway: requests per round, layout and concurrency (default 2000; see gateway.time_wait_by_ip before raising it)")
+    ap.add_argument("--gw-rounds", type=int, default=3, help="gateway: interleaved rounds (default 3)")
     ap.add_argument("--gw-concurrency", type=int, nargs="+", default=[1, 4], help="gateway: client workers per run (default 1 4)")
     ap.add_argument("--gw-warmup", type=int, default=300, help="gateway: requests per layout before measuring (default 300)")
     ap.add_argument("--gw-idle", type=float, default=5.0, help="gateway: seconds of idle Envoy CPU measured (default 5)")

@@ -72,6 +72,27 @@ from topologies import ALIBABA, ALIBABA_CASES, load_config  # noqa: E402
 HOPS = 3  # Envoy passes per request: client->node, node->go, go->java
 
 
+def time_wait_by_ip(ips: set[str]) -> dict[str, int]:
+    """TCP sockets in TIME_WAIT by local IP (/proc/net/tcp), for `ips`.
+
+    The apps open one connection per outbound call and close it, so each
+    leaves a TIME_WAIT socket for 60 s on its side. In the gateway layout an
+    app binds that connection to its pod IP before connecting (testapp
+    `--source-ip`), and bind() must find a free port of that IP among the
+    28k ephemeral ones: with ~15k of them in TIME_WAIT the port search makes
+    the apps (not Envoy) slow. A real pod has its own network namespace; on
+    one loopback the run must stay below that, which this figure shows."""
+    counts = dict.fromkeys(ips, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and f[3] == "06":
+            raw = bytes.fromhex(f[1].split(":")[0])
+            ip = ".".join(str(b) for b in reversed(raw))
+            if ip in counts:
+                counts[ip] += 1
+    return counts
+
+
 def context_switches(pid: int) -> int:
     """Voluntary + involuntary context switches of all the process's threads."""
     total = 0
@@ -192,6 +213,7 @@ class Tally:
     envoy_ctxsw: int = 0
     latencies_us: list[float] = field(default_factory=list)
     rounds_rps: list[float] = field(default_factory=list)
+    rounds_app_cpu_us: list[float] = field(default_factory=list)
 
 
 class Client:
@@ -287,6 +309,7 @@ def run_round(layout: Layout, kinds: list[Kind], n: int, concurrency: int, tally
     for x in lat:
         tally.latencies_us.extend(x)
     tally.rounds_rps.append(n / wall)
+    tally.rounds_app_cpu_us.append((sum(cpu1[1]) - sum(cpu0[1])) * 1e6 / n)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -337,12 +360,15 @@ def measure(requests: int, rounds: int, concurrencies: list[int], warmup: int, i
             check_answers(lay, kinds)
             run_round(lay, kinds, warmup, max(concurrencies), Tally())
         idle = idle_cpu(layouts, idle_s)
+        time_wait_max = 0
         for r in range(rounds):
             for c in concurrencies:
                 for lay in layouts:
                     tally = tallies.setdefault((lay.name, c), Tally())
                     run_round(lay, kinds, requests, c, tally)
-            log(f"round {r + 1}/{rounds} done")
+            tw = max(time_wait_by_ip({p.ip for p in gmesh.pods.values()}).values())
+            time_wait_max = max(time_wait_max, tw)
+            log(f"round {r + 1}/{rounds} done (TIME_WAIT sockets of the busiest pod IP: {tw})")
         shape = {}
         for lay in layouts:
             pids = lay.os_envoy_pids()
@@ -368,6 +394,7 @@ def measure(requests: int, rounds: int, concurrencies: list[int], warmup: int, i
                      "idle_s": idle_s, "hops": HOPS, "kinds": len(kinds), "envoy_concurrency": 1},
         "startup_s": {"gateway": round(gateway_start, 2), "sidecars": round(sidecar_start, 2)},
         "envoys_left_running": left,
+        "time_wait_max_per_pod_ip": time_wait_max,
         "layouts": {},
     }
     for name, s in shape.items():
@@ -379,6 +406,7 @@ def measure(requests: int, rounds: int, concurrencies: list[int], warmup: int, i
                 "requests": t.requests, "errors": t.errors, "wrong": t.wrong,
                 "rps": round(t.requests / t.wall_s, 1),
                 "rounds_rps": [round(x, 1) for x in t.rounds_rps],
+                "rounds_app_cpu_us_per_req": [round(x) for x in t.rounds_app_cpu_us],
                 "p50_us": round(percentile(t.latencies_us, 0.50)), "p99_us": round(percentile(t.latencies_us, 0.99)),
                 "envoy_cpu_s": round(t.envoy_cpu_s, 2), "app_cpu_s": round(t.app_cpu_s, 2),
                 "envoy_cpu_us_per_req": round(t.envoy_cpu_s * 1e6 / t.requests, 1),

@@ -179,7 +179,8 @@ def gateway_table(res: dict) -> list[str]:
     if gw and sc:
         out.append(f"Idle Envoy CPU (no requests, {st.get('idle_s')} s): gateway {gw['idle_envoy_cpu_ms_per_s']} ms/s, "
                    f"sidecars {sc['idle_envoy_cpu_ms_per_s']} ms/s. Envoys left running after stop: "
-                   f"{g.get('envoys_left_running')}.")
+                   f"{g.get('envoys_left_running')}. TIME_WAIT sockets of the busiest pod IP (gateway layout; "
+                   f"harness limit ~15k): {g.get('time_wait_max_per_pod_ip', '?')}.")
         for c in gw.get("runs", {}):
             a, b = gw["runs"][c], sc["runs"].get(c)
             if b and b["envoy_cpu_us_per_req"]:

@@ -184,7 +184,9 @@ _PLURAL = {"EndpointSlice": "endpointslices", "WasmPlugin": "wasmplugins",
            "DestinationRule": "destinationrules", "EnvoyFilter": "envoyfilters",
            "VirtualService": "virtualservices", "Sidecar": "sidecars", "Deployment": "deployments",
            "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
-           "TrafficExtension": "trafficextensions"}
+           "TrafficExtension": "trafficextensions",
+           # networking.istio.io and gateway.networking.k8s.io (the path is by apiVersion)
+           "Gateway": "gateways", "GatewayClass": "gatewayclasses", "HTTPRoute": "httproutes"}
 
 
 def _path(api_version: str, kind: str, namespace: str | None, name: str | None) -> str:

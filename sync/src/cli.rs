@@ -201,6 +201,11 @@ pub struct CommonArgs {
     #[arg(long = "waypoint", value_name = "NS/NAME")]
     pub waypoints: Vec<String>,
 
+    /// Gateway mode: most caller addresses in a shared proxy's table; past
+    /// it the caller table is left out (with a CallerTableTooLarge warning).
+    #[arg(long, value_name = "N", default_value_t = crate::shared::DEFAULT_MAX_CALLERS)]
+    pub max_callers: usize,
+
     /// WasmPlugin `url`: where Istio fetches the filter module.
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
     pub wasm_url: String,
@@ -414,6 +419,7 @@ impl CommonArgs {
             istio_root_namespace: self.istio_root_namespace.clone(),
             blocked: Default::default(),
             shared_proxies,
+            max_callers: self.max_callers,
         })
     }
 }

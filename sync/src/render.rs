@@ -61,6 +61,8 @@ pub struct RenderOptions {
     /// Gateway mode: the centralized gateways and waypoints that get a
     /// WasmPlugin with the caller table.
     pub shared_proxies: Vec<SharedProxy>,
+    /// Most caller addresses a shared proxy's table carries.
+    pub max_callers: usize,
 }
 
 /// Istio's default root namespace.
@@ -77,6 +79,7 @@ impl Default for RenderOptions {
             istio_root_namespace: DEFAULT_ISTIO_ROOT_NAMESPACE.into(),
             blocked: BTreeSet::new(),
             shared_proxies: Vec::new(),
+            max_callers: shared::DEFAULT_MAX_CALLERS,
         }
     }
 }
@@ -656,7 +659,11 @@ pub fn render<'a>(
         ));
     }
     // Gateway mode: each shared proxy's table is the mesh's plus the callers.
-    let callers = shared::callers(caller_pods);
+    let callers = shared::bounded(
+        shared::callers(caller_pods),
+        opts.max_callers,
+        shared_plugins.first().map_or("", |p| p.namespace.as_str()),
+    );
     if want_callers {
         warnings.extend(callers.warnings.iter().cloned());
     }

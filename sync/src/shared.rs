@@ -224,6 +224,33 @@ pub fn callers<'a>(pods: impl IntoIterator<Item = (&'a Pod, &'a str)>) -> Caller
     out
 }
 
+/// Most caller addresses a shared proxy's table carries by default: at
+/// about 16 bytes each as JSON, 50,000 stay well inside one object (1 MiB)
+/// with the routes.
+pub const DEFAULT_MAX_CALLERS: usize = 50_000;
+
+/// Keeps `callers` within `max` addresses: past it the caller table is left
+/// out whole (requests without an env get the default env, as from an
+/// unknown caller) rather than cut at random or left stale, and a warning
+/// says so. A stale table would let a new pod inherit an old pod's env.
+/// The warning is recorded in `namespace` (a shared proxy's).
+pub fn bounded(mut callers: Callers, max: usize, namespace: &str) -> Callers {
+    if callers.by_ip.len() <= max {
+        return callers;
+    }
+    callers.warnings.push(Warning::new(
+        Regarding::namespace(namespace),
+        Reason::CallerTableTooLarge,
+        format!(
+            "{} caller addresses are over --max-callers {max}: shared proxies get no caller table (requests without an env go to the default env)",
+            callers.by_ip.len()
+        ),
+    ));
+    callers.by_ip.clear();
+    callers.by_workload.clear();
+    callers
+}
+
 /// `base` (the mesh's table) for a shared proxy: where it runs, the
 /// caller table, and the callers' envs the base does not list yet.
 pub fn table_for(base: &PluginConfig, proxy: Proxy, callers: &Callers) -> PluginConfig {
@@ -413,6 +440,31 @@ mod tests {
             "{:?}",
             c.warnings
         );
+    }
+
+    #[test]
+    fn an_oversized_caller_table_is_left_out_whole() {
+        let pods: Vec<(Pod, &str)> = (0..5)
+            .map(|i| {
+                (
+                    pod(
+                        "demo",
+                        &format!("p{i}"),
+                        "w",
+                        &[&format!("10.0.0.{i}")],
+                        true,
+                    ),
+                    "dev",
+                )
+            })
+            .collect();
+        let c = callers(pods.iter().map(|(p, e)| (p, *e)));
+        let kept = bounded(c.clone(), 5, "gw");
+        assert_eq!(kept.by_ip.len(), 5);
+        assert!(kept.warnings.is_empty());
+        let dropped = bounded(c, 4, "gw");
+        assert!(dropped.by_ip.is_empty() && dropped.by_workload.is_empty());
+        assert_eq!(dropped.warnings[0].reason, Reason::CallerTableTooLarge);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Reason {
     CallerAddressShared,
     /// A VirtualService covers a Service: waypoints get no envlane route.
     WaypointRoutesNotPatched,
+    /// More caller addresses than `--max-callers`: no caller table.
+    CallerTableTooLarge,
     /// Not a warning: a namespace's table was written (a Normal Event).
     TableWritten,
 }
@@ -59,6 +61,7 @@ impl Reason {
             Reason::NoDefaultEnv => "NoDefaultEnv",
             Reason::CallerAddressShared => "CallerAddressShared",
             Reason::WaypointRoutesNotPatched => "WaypointRoutesNotPatched",
+            Reason::CallerTableTooLarge => "CallerTableTooLarge",
             Reason::TableWritten => "TableWritten",
         }
     }
