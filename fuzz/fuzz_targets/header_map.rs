@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use envlane::config::{parse, Mode};
-use envlane::decide::{find_env, plan, Headers, Outcome, Source};
+use envlane::decide::{find_env, plan, Headers, NoCaller, Outcome, Source};
 use envlane::edge::{edge_plan, Rewrite};
 use envlane::sources::{baggage_value, cookie_value};
 use envlane::names::check_env;
@@ -141,13 +141,17 @@ fn check_plan(map: &HeaderMap<'_>) {
             Mode::Host => {
                 assert!(p.route_to_cluster.is_none());
                 assert_eq!(p.rewrite_authority.is_some(), routed);
+            }            Mode::Endpoint => {
+                assert!(p.rewrite_authority.is_none());
+                assert_eq!(p.route_to_cluster.is_some(), routed);
+                assert_eq!(p.original_dst.is_some(), routed);
             }
         }
-        let found = find_env(table, map);
+        let found = find_env(table, map, &NoCaller);
         assert_eq!(p.invalid_env, found.invalid.is_some());
         let header_present = map.values(&s.env_header).next().is_some();
         assert_eq!(found.env_header_present, header_present);
-        if let Some(inject) = p.inject_env {
+        if let Some(inject) = &p.inject_env {
             assert!(!header_present);
             assert_eq!(inject, "dev.a");
             assert!(matches!(found.env, Some((_, Source::Label))));
