@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use envlane::config::{parse, Mode};
-use envlane::decide::{find_env, plan, Headers, Outcome, Source};
+use envlane::decide::{find_env, plan, Headers, NoCaller, Outcome, Source};
 use envlane::edge::{edge_plan, Rewrite};
 use envlane::sources::{baggage_value, cookie_value};
 use envlane::names::check_env;
@@ -143,11 +143,11 @@ fn check_plan(map: &HeaderMap<'_>) {
                 assert_eq!(p.rewrite_authority.is_some(), routed);
             }
         }
-        let found = find_env(table, map);
+        let found = find_env(table, map, &NoCaller);
         assert_eq!(p.invalid_env, found.invalid.is_some());
         let header_present = map.values(&s.env_header).next().is_some();
         assert_eq!(found.env_header_present, header_present);
-        if let Some(inject) = p.inject_env {
+        if let Some(inject) = &p.inject_env {
             assert!(!header_present);
             assert_eq!(inject, "dev.a");
             assert!(matches!(found.env, Some((_, Source::Label))));
