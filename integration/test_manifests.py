@@ -417,7 +417,8 @@ def test_rbac_is_least_privilege():
         ("", "pods", ()): read,
         ("", "services", ()): read,
         ("extensions.istio.io", "wasmplugins", ()): {"list", "watch"},
-        ("extensions.istio.io", "wasmplugins", ("envlane",)): {"get"} | write,
+        # The namespaces' plugin and gateway mode's two (envlane-sync names).
+        ("extensions.istio.io", "wasmplugins", ("envlane", "envlane-gateway", "envlane-waypoint")): {"get"} | write,
         ("networking.istio.io", "destinationrules", ()): read | write,
         ("networking.istio.io", "envoyfilters", ()): read | write,
         ("networking.istio.io", "virtualservices", ()): read,

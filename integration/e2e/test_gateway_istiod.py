@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -85,6 +86,14 @@ def route_patches(table: dict) -> dict:
     return json.loads(out)
 
 
+def valid_env(env: str) -> bool:
+    """The filter's env rules (README: levels split by `.`, none empty, only
+    [A-Za-z0-9_-], at most 128 bytes and 8 levels); envlane-sync skips pods
+    whose label breaks them."""
+    levels = env.split(".")
+    return len(env) <= 128 and len(levels) <= 8 and all(re.fullmatch(r"[A-Za-z0-9_-]+", lv) for lv in levels)
+
+
 def ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True"
                for c in pod.get("status", {}).get("conditions") or [])
@@ -98,7 +107,7 @@ def live_callers(cluster: Cluster) -> dict[str, str]:
     for ns in cluster.list("v1", "Namespace", selector=OPT_IN):
         for p in cluster.list("v1", "Pod", ns["metadata"]["name"]):
             env = (p["metadata"].get("labels") or {}).get(ENV_LABEL)
-            if env and ready(p) and not p["metadata"].get("deletionTimestamp"):
+            if env and valid_env(env) and ready(p) and not p["metadata"].get("deletionTimestamp"):
                 for ip in p["status"].get("podIPs") or []:
                     envs.setdefault(ip["ip"], set()).add(env)
     return {ip: e.pop() for ip, e in envs.items() if len(e) == 1}
@@ -208,8 +217,12 @@ class Router:
         def converged():
             wp = self.plugin()
             table = wp and wp["spec"].get("pluginConfig")
-            if not table or table_callers(table) != live_callers(self.cluster) or not check(table):
+            if not table or not check(table):
                 return None
+            have, want = table_callers(table), live_callers(self.cluster)
+            if have != want:
+                raise AssertionError(f"callers: table has {sorted(set(have.items()) - set(want.items()))} "
+                                     f"more, misses {sorted(set(want.items()) - set(have.items()))}")
             return sc.ecds_table(self.gateway.config_dump()) == table and table
         return self.sync.wait(converged, what, timeout)
 
