@@ -156,6 +156,8 @@ fn config(pods: usize) -> PluginConfig {
                 host: format!("svc{i}.demo.svc.cluster.local"),
                 ports: vec![8080],
                 envs: ids.clone(),
+                target_ports: Vec::new(),
+                endpoints: Vec::new(),
             })
             .collect(),
         ..PluginConfig::default()

@@ -98,6 +98,8 @@ fn config(services: usize, envs: usize) -> PluginConfig {
                 host: format!("svc{i}.demo.svc.cluster.local"),
                 ports: vec![8080],
                 envs: ids.clone(),
+                target_ports: Vec::new(),
+                endpoints: Vec::new(),
             })
             .collect(),
         ..PluginConfig::default()

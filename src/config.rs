@@ -21,6 +21,11 @@ pub const DECISION_HEADER: &str = "x-envlane-decision";
 pub const ROUTE_STATE_PROPERTY: &str = "envlane_route";
 /// The filter-state key the route patch's matcher reads.
 pub const ROUTE_STATE_KEY: &str = "wasm.envlane_route";
+/// The Envoy filter-state key endpoint mode writes with the chosen pod's
+/// `IP:PORT`: an ORIGINAL_DST cluster connects there (Envoy's
+/// `envoy.network.transport_socket.original_dst_address`; only the filter
+/// writes it, no request header does).
+pub const ORIGINAL_DST_STATE_KEY: &str = "envoy.network.transport_socket.original_dst_address";
 /// Placeholder of an edge rule's `previewHost`: the env, as one or more DNS
 /// labels (`{env}.preview.example.com`).
 pub const PREVIEW_ENV_PLACEHOLDER: &str = "{env}";
@@ -75,6 +80,13 @@ pub enum Mode {
     Cluster,
     /// Rewrite `:authority` to a per-env Service host made from `hostTemplate`.
     Host,
+    /// Pick one Ready pod of the env (round robin over `endpoints`), write
+    /// its `IP:TARGETPORT` to Envoy filter state
+    /// `envoy.network.transport_socket.original_dst_address` and the service
+    /// port's ORIGINAL_DST cluster (`outbound|PORT|envlane-endpoints|FQDN`,
+    /// added with Istio's mTLS by envlane-sync) to `wasm.envlane_route`. No
+    /// Envoy cluster per (service, env).
+    Endpoint,
 }
 
 /// Where the filter runs, which says where a request's env may come from
@@ -300,6 +312,25 @@ pub struct ServiceEntry {
     #[serde(deserialize_with = "crate::limits::env_ids")]
     #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ENVS)))]
     pub envs: Vec<u32>,
+    /// Endpoint mode: the pods' port of each of `ports` (same order); empty:
+    /// the same numbers as `ports`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::ports"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_PORTS_PER_SERVICE), inner(range(min = 1))))]
+    pub target_ports: Vec<u16>,
+    /// Endpoint mode: for each of `envs` (same order), the IPs of the
+    /// service's Ready pods of that env, as Kubernetes writes them
+    /// (canonical IPv4 or IPv6 text).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::limits::endpoints"
+    )]
+    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ENVS), inner(length(min = 1, max = crate::limits::MAX_ENDPOINTS))))]
+    pub endpoints: Vec<Vec<String>>,
 }
 
 /// Caller pods of one env, by IP.

@@ -131,6 +131,8 @@ impl Outcome {
 pub struct Resolution<'t> {
     pub outcome: Outcome,
     pub target: Option<&'t str>,
+    /// The env whose target it is.
+    pub env: Option<u32>,
     /// How many levels of the env were looked up.
     pub levels_tried: usize,
 }
@@ -146,7 +148,10 @@ pub fn resolve<'t>(
     if let Some(env) = env {
         for level in Chain::new(env, table.settings.splitter) {
             levels_tried += 1;
-            if let Some(target) = table.env_id(level).and_then(|id| service.target(id)) {
+            let hit = table
+                .env_id(level)
+                .and_then(|id| Some((id, service.target(id)?)));
+            if let Some((id, target)) = hit {
                 let outcome = if levels_tried == 1 {
                     Outcome::Exact
                 } else {
@@ -155,20 +160,26 @@ pub fn resolve<'t>(
                 return Resolution {
                     outcome,
                     target: Some(target),
+                    env: Some(id),
                     levels_tried,
                 };
             }
         }
     }
-    match table.default_env().and_then(|id| service.target(id)) {
-        Some(target) => Resolution {
+    match table
+        .default_env()
+        .and_then(|id| Some((id, service.target(id)?)))
+    {
+        Some((id, target)) => Resolution {
             outcome: Outcome::Default,
             target: Some(target),
+            env: Some(id),
             levels_tried,
         },
         None => Resolution {
             outcome: Outcome::Passthrough,
             target: None,
+            env: None,
             levels_tried,
         },
     }
@@ -180,8 +191,12 @@ pub struct Plan<'t> {
     pub outcome: Outcome,
     /// An env value was present but refused (counted; the next source was used).
     pub invalid_env: bool,
-    /// Cluster mode: the cluster to write to filter state.
+    /// Cluster and endpoint mode: the cluster to write to filter state.
     pub route_to_cluster: Option<&'t str>,
+    /// Endpoint mode: the pod's `IP:PORT` to write to filter state
+    /// `envoy.network.transport_socket.original_dst_address` (before
+    /// `route_to_cluster`, which is written only if this was).
+    pub original_dst: Option<&'t str>,
     /// Host mode: new `:authority`.
     pub rewrite_authority: Option<String>,
     /// Add the env header with this value (auto-inject of the pod's own or
@@ -332,12 +347,25 @@ pub fn plan<'t>(table: &'t RoutingTable, headers: &impl Headers) -> Plan<'t> {
     plan_for(table, headers, &NoCaller)
 }
 
-/// The whole decision for one request. At the edge the env is what a rule
-/// gives; elsewhere it is found in the request, then the caller.
+/// The whole decision for one request, endpoint mode picking its env's
+/// first endpoint (see [`plan_with`]).
 pub fn plan_for<'t>(
     table: &'t RoutingTable,
     headers: &impl Headers,
     caller: &impl Caller,
+) -> Plan<'t> {
+    plan_with(table, headers, caller, 0)
+}
+
+/// The whole decision for one request. At the edge the env is what a rule
+/// gives; elsewhere it is found in the request, then the caller. Endpoint
+/// mode picks endpoint `pick` modulo the env's number of endpoints (the
+/// glue hands in a counter: round robin).
+pub fn plan_with<'t>(
+    table: &'t RoutingTable,
+    headers: &impl Headers,
+    caller: &impl Caller,
+    pick: u32,
 ) -> Plan<'t> {
     let s = &table.settings;
     let found = if s.edge {
@@ -365,12 +393,21 @@ pub fn plan_for<'t>(
         None => Resolution {
             outcome: Outcome::Passthrough,
             target: None,
+            env: None,
             levels_tried: 0,
         },
     };
 
+    let mut original_dst = None;
     let (route_to_cluster, rewrite_authority) = match (s.mode, resolution.target) {
         (Mode::Cluster, Some(t)) => (Some(t), None),
+        (Mode::Endpoint, Some(t)) => {
+            original_dst = service
+                .as_ref()
+                .zip(resolution.env)
+                .and_then(|(svc, id)| svc.endpoint(id, pick));
+            (original_dst.map(|_| t), None)
+        }
         (Mode::Host, Some(t)) => {
             let port = authority
                 .as_deref()
@@ -403,12 +440,17 @@ pub fn plan_for<'t>(
     let asked = !s.edge && s.debug && headers.values(&s.debug_header).next().is_some();
     let explanation = asked.then(|| {
         let why = passthrough_reason(table, authority.as_deref(), service.as_ref(), env);
-        explain(table, &found, service.as_ref(), &resolution, why)
+        let mut text = explain(table, &found, service.as_ref(), &resolution, why);
+        if let Some(addr) = original_dst {
+            let _ = write!(text, "; endpoint={addr}");
+        }
+        text
     });
     Plan {
         outcome: resolution.outcome,
         invalid_env: found.invalid.is_some(),
         route_to_cluster,
+        original_dst,
         rewrite_authority,
         inject_env,
         explanation,

@@ -20,7 +20,7 @@
 
 use std::cell::RefCell;
 
-use crate::glue::{Host, Plugins};
+use crate::glue::{envoy_filter_state_args, Host, LifeSpan, Plugins};
 
 const OK: u32 = 0;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
@@ -167,6 +167,26 @@ impl Host for Wasm {
     fn set_filter_state(&self, name: &str, value: &[u8]) -> bool {
         // SAFETY: both slices outlive the call.
         unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
+    }
+
+    fn set_envoy_filter_state(&self, key: &str, value: &[u8], span: LifeSpan) -> bool {
+        let name = "set_envoy_filter_state";
+        let args = envoy_filter_state_args(key, value, span);
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: `name` and `args` outlive the call; out-pointers to locals.
+        let status = unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                args.as_ptr(),
+                args.len(),
+                &mut data,
+                &mut len,
+            )
+        };
+        let ok = status == OK;
+        drop(owned(status, data, len));
+        ok
     }
 
     fn clear_route_cache(&self) {

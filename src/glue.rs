@@ -3,11 +3,12 @@
 //! only module that touches it); tests drive this module with a fake host
 //! that fails, omits and oversizes at will.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use crate::config::{self, DECISION_HEADER, ROUTE_STATE_PROPERTY};
-use crate::decide::{plan_for, Caller, Outcome};
+use crate::config::{self, DECISION_HEADER, ORIGINAL_DST_STATE_KEY, ROUTE_STATE_PROPERTY};
+use crate::decide::{plan_with, Caller, Outcome};
 use crate::edge::{edge_plan, Rewrite};
 use crate::limits::MAX_CONFIG_BYTES;
 use crate::table::{Node, RoutingTable};
@@ -27,6 +28,10 @@ pub trait Host {
     fn set_response_header(&self, name: &str, value: &[u8]) -> bool;
     /// Writes filter state `wasm.<name>` (only inside a stream).
     fn set_filter_state(&self, name: &str, value: &[u8]) -> bool;
+    /// Writes an Envoy filter-state object `key` (one Envoy knows how to
+    /// make from a string, e.g. [`ORIGINAL_DST_STATE_KEY`]), with Envoy's
+    /// `set_envoy_filter_state` foreign function (only inside a stream).
+    fn set_envoy_filter_state(&self, key: &str, value: &[u8], span: LifeSpan) -> bool;
     /// Makes Envoy pick the route again after the headers changed.
     fn clear_route_cache(&self);
     fn define_counter(&self, name: &str) -> Option<u32>;
@@ -34,6 +39,38 @@ pub trait Host {
     /// Data shared by every VM of this plugin in the Envoy process.
     fn shared_data(&self, key: &str) -> Option<Vec<u8>>;
     fn set_shared_data(&self, key: &str, value: &[u8]) -> bool;
+}
+
+/// How long Envoy keeps a filter-state object (its `LifeSpan` enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifeSpan {
+    FilterChain = 0,
+    DownstreamRequest = 1,
+    DownstreamConnection = 2,
+}
+
+/// The argument of Envoy's `set_envoy_filter_state` foreign function: the
+/// protobuf `envoy.source.extensions.common.wasm.SetEnvoyFilterStateArguments`
+/// (1: path, 2: value, 3: span; a zero span is left out, as protobuf does).
+pub fn envoy_filter_state_args(key: &str, value: &[u8], span: LifeSpan) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = Vec::with_capacity(key.len() + value.len() + 12);
+    for (tag, bytes) in [(0x0a, key.as_bytes()), (0x12, value)] {
+        out.push(tag);
+        varint(&mut out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+    if span != LifeSpan::FilterChain {
+        out.push(0x18);
+        varint(&mut out, span as u64);
+    }
+    out
 }
 
 /// Counter names (Envoy shows them as `wasmcustom.<name>`).
@@ -89,6 +126,8 @@ pub struct Root {
     /// `None`: pass-through (no valid config yet).
     table: Option<Rc<RoutingTable>>,
     counters: Counters,
+    /// Endpoint mode's pick counter (this VM's streams).
+    picks: Cell<u32>,
 }
 
 /// What `configure` did, for the caller's return value and tests.
@@ -186,12 +225,28 @@ impl Root {
 
     /// The state of a new stream.
     pub fn stream(&self) -> Stream {
+        let n = self.picks.get();
+        self.picks.set(n.wrapping_add(1));
         Stream {
             table: self.table.clone(),
             counters: self.counters,
             explanation: None,
+            pick: scramble(n),
         }
     }
+}
+
+/// The `n`-th stream's endpoint pick: the counter mixed (a bijection on
+/// `u32`, murmur3's finalizer), so a VM's requests to several services do
+/// not fall into step (two services called in turn, two pods each, would
+/// otherwise each get the same pod every time).
+fn scramble(n: u32) -> u32 {
+    let mut x = n;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
 }
 
 /// One HTTP stream.
@@ -199,6 +254,8 @@ pub struct Stream {
     table: Option<Rc<RoutingTable>>,
     counters: Counters,
     explanation: Option<String>,
+    /// Endpoint mode: which of the env's endpoints (modulo their number).
+    pick: u32,
 }
 
 impl Stream {
@@ -217,15 +274,25 @@ impl Stream {
         };
         // The peer is read only if the request carries no env and this is a
         // shared proxy with a caller table.
-        let plan = plan_for(&table, &request, &PeerOf(host));
+        let plan = plan_with(&table, &request, &PeerOf(host), self.pick);
         let s = &table.settings;
         // At the edge the rules read the request as it came; what outsiders
         // must not set goes before the env a rule gave is added.
         let mut changed = s.edge && self.strip_at_edge(host, &table, &request);
         if let Some(cluster) = plan.route_to_cluster {
+            // Endpoint mode: the pod's address first; the ORIGINAL_DST
+            // cluster is chosen only if Envoy took it (else it would have no
+            // host to connect to).
+            let addressed = plan.original_dst.is_none_or(|addr| {
+                host.set_envoy_filter_state(
+                    ORIGINAL_DST_STATE_KEY,
+                    addr.as_bytes(),
+                    LifeSpan::DownstreamRequest,
+                )
+            });
             // Only this filter writes `wasm.*` state: no request header can
             // make envlane's route patch pick a cluster.
-            if host.set_filter_state(ROUTE_STATE_PROPERTY, cluster.as_bytes()) {
+            if addressed && host.set_filter_state(ROUTE_STATE_PROPERTY, cluster.as_bytes()) {
                 changed = true;
             } else {
                 Counters::bump(host, self.counters.route_failed);

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, Error, SeqAccess, Visitor};
 
 use crate::config::{CallerEntry, CallerWorkloadEntry, EdgeRule, EnvAlias, EnvEntry, ServiceEntry};
 
@@ -29,8 +29,12 @@ pub const MAX_CALLER_WORKLOADS: usize = 100_000;
 pub const MAX_EDGE_RULES: usize = 64;
 /// Most `values` of one edge rule (e.g. user ids).
 pub const MAX_RULE_VALUES: usize = 10_000;
-/// Most targets (pairs × ports in cluster mode, pairs in host mode).
+/// Most targets (pairs × ports in cluster mode, pairs in host mode; in
+/// endpoint mode endpoint addresses × ports plus one cluster per port).
 pub const MAX_TARGETS: usize = 500_000;
+/// Endpoint mode: most pod addresses (`services[].endpoints`, all services
+/// and envs together).
+pub const MAX_ENDPOINTS: usize = 500_000;
 
 /// A sequence of at most `max` elements; past that, an error naming the limit.
 struct Bounded<T> {
@@ -54,6 +58,50 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
             if out.len() == self.max {
                 return Err(A::Error::custom(format_args!(
                     "more than {} {} (limit)",
+                    self.max, self.what
+                )));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Bounded<T> {
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+/// A list of at most `max` lists of at most `inner` elements each.
+struct Nested<T> {
+    max: usize,
+    inner: usize,
+    what: &'static str,
+    item: PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Nested<T> {
+    type Value = Vec<Vec<T>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a list of at most {} lists of {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Vec<T>>, A::Error> {
+        let hint = seq.size_hint().unwrap_or(0).min(self.max).min(4096);
+        let mut out = Vec::with_capacity(hint);
+        let each = || Bounded {
+            max: self.inner,
+            what: self.what,
+            item: PhantomData,
+        };
+        while let Some(item) = seq.next_element_seed(each())? {
+            if out.len() == self.max {
+                return Err(A::Error::custom(format_args!(
+                    "more than {} lists of {} (limit)",
                     self.max, self.what
                 )));
             }
@@ -121,4 +169,13 @@ pub(crate) fn rule_values<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>
 
 pub(crate) fn env_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
     bounded(d, MAX_ENVS, "envs")
+}
+
+pub(crate) fn endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<String>>, D::Error> {
+    d.deserialize_seq(Nested {
+        max: MAX_ENVS,
+        inner: MAX_ENDPOINTS,
+        what: "endpoint addresses",
+        item: PhantomData,
+    })
 }

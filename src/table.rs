@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use crate::callers::CallerTable;
 use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, Proxy, ServiceEntry};
 use crate::edge_rules::EdgeRules;
-use crate::limits::{MAX_PAIRS, MAX_TARGETS};
+use crate::limits::{MAX_ENDPOINTS, MAX_PAIRS, MAX_TARGETS};
 use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
 
 /// Where the caller sidecar runs, from its node metadata.
@@ -55,8 +55,15 @@ struct Service {
     fqdn: ServiceHost,
     ports: Box<[u16]>,
     /// (env id, index of its first target), sorted by env id. Cluster mode has
-    /// one target per port from there on, host mode one.
+    /// one target per port from there on, host mode one, endpoint mode per
+    /// port the env's `IP:TARGETPORT`s (`sizes` of them).
     envs: Box<[(u32, u32)]>,
+    /// Endpoint mode: how many endpoints each env of `envs` has (same
+    /// order); empty in the other modes.
+    sizes: Box<[u32]>,
+    /// Endpoint mode: the target slot of the first port's ORIGINAL_DST
+    /// cluster name (one per port from there on).
+    clusters: u32,
 }
 
 /// The immutable lookup structure.
@@ -86,7 +93,8 @@ impl<'t> ServiceRef<'t> {
         self.service.fqdn.as_str()
     }
 
-    /// The target for `env_id`, when this service has that env.
+    /// The target for `env_id`, when this service has that env (endpoint
+    /// mode: the port's ORIGINAL_DST cluster).
     pub fn target(&self, env_id: u32) -> Option<&'t str> {
         let envs = &self.service.envs;
         let at = envs.binary_search_by_key(&env_id, |&(id, _)| id).ok()?;
@@ -94,8 +102,32 @@ impl<'t> ServiceRef<'t> {
         let slot = match self.table.settings.mode {
             Mode::Cluster => *first as usize + self.port_slot,
             Mode::Host => *first as usize,
+            Mode::Endpoint => self.service.clusters as usize + self.port_slot,
         };
         self.table.targets.get(slot)
+    }
+
+    /// Endpoint mode: the `pick`-th (modulo their number) `IP:TARGETPORT`
+    /// of `env_id`'s pods on this port. `None` in the other modes.
+    pub fn endpoint(&self, env_id: u32, pick: u32) -> Option<&'t str> {
+        let envs = &self.service.envs;
+        let at = envs.binary_search_by_key(&env_id, |&(id, _)| id).ok()?;
+        let (_, first) = envs.get(at)?;
+        let n = *self.service.sizes.get(at)? as usize;
+        if n == 0 {
+            return None;
+        }
+        let slot = *first as usize + self.port_slot * n + pick as usize % n;
+        self.table.targets.get(slot)
+    }
+
+    /// Endpoint mode: how many endpoints `env_id` has here.
+    pub fn endpoint_count(&self, env_id: u32) -> usize {
+        let envs = &self.service.envs;
+        envs.binary_search_by_key(&env_id, |&(id, _)| id)
+            .ok()
+            .and_then(|at| self.service.sizes.get(at))
+            .map_or(0, |n| *n as usize)
     }
 }
 
@@ -193,9 +225,73 @@ impl RoutingTable {
             if entry.ports.is_empty() || entry.ports.contains(&0) {
                 return Err(ConfigError::new(field("ports"), "must list ports 1-65535"));
             }
-            let mut ports = entry.ports.clone();
-            ports.sort_unstable();
-            ports.dedup();
+            // (port, target port), sorted by port; a port listed twice must
+            // name one target port.
+            let mut port_pairs: Vec<(u16, u16)> = match (config.mode, entry.target_ports.len()) {
+                (Mode::Endpoint, 0) => entry.ports.iter().map(|&p| (p, p)).collect(),
+                (Mode::Endpoint, n) if n == entry.ports.len() => {
+                    if entry.target_ports.contains(&0) {
+                        return Err(ConfigError::new(
+                            field("targetPorts"),
+                            "must list ports 1-65535",
+                        ));
+                    }
+                    entry
+                        .ports
+                        .iter()
+                        .copied()
+                        .zip(entry.target_ports.iter().copied())
+                        .collect()
+                }
+                (Mode::Endpoint, _) => {
+                    return Err(ConfigError::new(
+                        field("targetPorts"),
+                        "must list one target port per port (or none)",
+                    ))
+                }
+                (_, 0) => entry.ports.iter().map(|&p| (p, p)).collect(),
+                (_, _) => {
+                    return Err(ConfigError::new(
+                        field("targetPorts"),
+                        "only endpoint mode (`mode`: endpoint) uses target ports",
+                    ))
+                }
+            };
+            port_pairs.sort_unstable();
+            port_pairs.dedup();
+            if port_pairs
+                .windows(2)
+                .any(|w| matches!(w, [a, b] if a.0 == b.0))
+            {
+                return Err(ConfigError::new(
+                    field("targetPorts"),
+                    "a port listed twice has two target ports",
+                ));
+            }
+            let ports: Vec<u16> = port_pairs.iter().map(|&(p, _)| p).collect();
+            match (config.mode, entry.endpoints.len()) {
+                (Mode::Endpoint, n) if n == entry.envs.len() => {}
+                (Mode::Endpoint, _) => {
+                    return Err(ConfigError::new(
+                        field("endpoints"),
+                        "must list one list of pod IPs per env of `envs` (same order)",
+                    ))
+                }
+                (_, 0) => {}
+                (_, _) => {
+                    return Err(ConfigError::new(
+                        field("endpoints"),
+                        "only endpoint mode (`mode`: endpoint) uses endpoints",
+                    ))
+                }
+            }
+            // Endpoint mode: the service ports' ORIGINAL_DST clusters first.
+            let clusters = targets.next_slot()?;
+            if config.mode == Mode::Endpoint {
+                for &p in &ports {
+                    targets.push_endpoint_cluster(p, fqdn.as_str())?;
+                }
+            }
             // `outbound|PORT|`, rendered once per port, not once per target.
             head_text.clear();
             head_ends.clear();
@@ -235,6 +331,7 @@ impl RoutingTable {
                     *slot = (i, env_id);
                 }
                 let first = targets.next_slot()?;
+                let mut size = 0u32;
                 match (config.mode, &parts) {
                     (Mode::Cluster, _) => {
                         let mut start = 0;
@@ -256,13 +353,39 @@ impl RoutingTable {
                         targets.push(host.as_str())?;
                     }
                     (Mode::Host, None) => {}
+                    (Mode::Endpoint, _) => {
+                        let ips = entry.endpoints.get(j).map_or(&[][..], Vec::as_slice);
+                        let at = |k: usize| format!("services[{i}].endpoints[{j}][{k}]");
+                        if ips.is_empty() {
+                            return Err(ConfigError::new(
+                                format!("services[{i}].endpoints[{j}]"),
+                                "an env of the service has at least one pod IP",
+                            ));
+                        }
+                        for (k, ip) in ips.iter().enumerate() {
+                            check_ip(ip).map_err(|e| ConfigError::new(at(k), e))?;
+                        }
+                        size = u32::try_from(ips.len())
+                            .map_err(|_| ConfigError::new(field("endpoints"), "too many"))?;
+                        for &(_, target_port) in &port_pairs {
+                            for ip in ips {
+                                targets.push_endpoint(ip, target_port)?;
+                            }
+                        }
+                    }
                 }
-                envs.push((env_id, first));
+                envs.push((env_id, first, size));
             }
-            envs.sort_unstable_by_key(|&(id, _)| id);
+            envs.sort_unstable_by_key(|&(id, _, _)| id);
             if envs.windows(2).any(|w| matches!(w, [a, b] if a.0 == b.0)) {
                 return Err(ConfigError::new(field("envs"), "lists an env twice"));
             }
+            let sizes: Box<[u32]> = if config.mode == Mode::Endpoint {
+                envs.iter().map(|&(_, _, n)| n).collect()
+            } else {
+                Box::default()
+            };
+            let envs: Vec<(u32, u32)> = envs.iter().map(|&(id, first, _)| (id, first)).collect();
             let index = u32::try_from(i).map_err(|_| ConfigError::new("services", "too many"))?;
             if hosts.insert(fqdn.as_str().into(), index).is_some() {
                 return Err(ConfigError::new(
@@ -274,6 +397,8 @@ impl RoutingTable {
                 fqdn,
                 ports: ports.into(),
                 envs: envs.into(),
+                sizes,
+                clusters,
             });
         }
 
@@ -301,6 +426,12 @@ impl RoutingTable {
             return Err(ConfigError::new(
                 "callers",
                 "only a shared proxy (`proxy`: gateway or waypoint) looks callers up",
+            ));
+        }
+        if config.proxy == Proxy::Waypoint && config.mode == Mode::Endpoint {
+            return Err(ConfigError::new(
+                "mode",
+                "a waypoint routes by its service's clusters (`cluster`): endpoint mode's ORIGINAL_DST clusters are for sidecars and gateways",
             ));
         }
         if config.proxy == Proxy::Waypoint && config.mode == Mode::Host {
@@ -396,16 +527,29 @@ impl RoutingTable {
         self.services.iter().map(|s| s.envs.len()).sum()
     }
 
-    /// Cluster mode: for every service port, the clusters the filter may
-    /// write to filter state (what envlane-sync's route patch must map).
+    /// Cluster and endpoint mode: for every service port, the clusters the
+    /// filter may write to filter state (what envlane-sync's route patch
+    /// must map): the subset clusters, or the one ORIGINAL_DST cluster.
     /// Empty in host mode.
     pub fn cluster_targets(&self) -> Vec<PortTargets<'_>> {
-        if self.settings.mode != Mode::Cluster {
-            return Vec::new();
-        }
         let mut out = Vec::new();
+        if self.settings.mode == Mode::Host {
+            return out;
+        }
         for service in self.services.iter() {
             for (slot, &port) in service.ports.iter().enumerate() {
+                if self.settings.mode == Mode::Endpoint {
+                    out.push(PortTargets {
+                        fqdn: service.fqdn.as_str(),
+                        port,
+                        targets: self
+                            .targets
+                            .get(service.clusters as usize + slot)
+                            .into_iter()
+                            .collect(),
+                    });
+                    continue;
+                }
                 let targets = service
                     .envs
                     .iter()
@@ -419,6 +563,39 @@ impl RoutingTable {
             }
         }
         out
+    }
+}
+
+/// The subset part of endpoint mode's cluster names. Reserved: no
+/// DestinationRule of a Service in endpoint mode may have a subset of this
+/// name (endpoint mode writes no subsets).
+pub const ENDPOINT_CLUSTER_SUBSET: &str = "envlane-endpoints";
+
+/// Endpoint mode's ORIGINAL_DST cluster of a service port,
+/// `outbound|PORT|envlane-endpoints|FQDN`: Istio's naming (its telemetry
+/// reads service and port from it), a subset no env gets in this mode.
+/// envlane-sync's CLUSTER ADD patch and the filter both name it from here.
+pub fn endpoint_cluster(port: u16, fqdn: &str) -> String {
+    istio_cluster(port, ENDPOINT_CLUSTER_SUBSET, fqdn)
+}
+
+/// A pod IP as endpoint mode writes it: canonical IPv4 (`10.0.0.1`) or IPv6
+/// (`fd00::1`) text, so `IP:PORT` is what Envoy parses and the target
+/// buffer's size is known from the text.
+pub fn check_ip(ip: &str) -> Result<(), String> {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(addr) if addr.to_string() == ip => Ok(()),
+        Ok(addr) => Err(format!("`{ip}` is not canonical (write `{addr}`)")),
+        Err(_) => Err(format!("`{ip}` is not an IPv4 or IPv6 address")),
+    }
+}
+
+/// `IP:PORT` (`[IP]:PORT` for IPv6), as Envoy parses a socket address.
+pub fn socket_address(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
     }
 }
 
@@ -486,6 +663,9 @@ impl Targets {
         let mut bytes = 0usize;
         for s in &config.services {
             count = count.saturating_add(target_count(s, config.mode));
+            if config.mode == Mode::Endpoint {
+                bytes = bytes.saturating_add(endpoint_bytes(s));
+            }
             if config.mode == Mode::Cluster {
                 // outbound|PORT|SUBSET|FQDN
                 // `outbound|` + `|` + `|` (11) or `inbound-vip|` + `|http/` + `|` (19).
@@ -535,6 +715,25 @@ impl Targets {
         self.close()
     }
 
+    /// Endpoint mode's cluster of a service port.
+    fn push_endpoint_cluster(&mut self, port: u16, fqdn: &str) -> Result<(), ConfigError> {
+        let _ = write!(
+            self.text,
+            "outbound|{port}|{ENDPOINT_CLUSTER_SUBSET}|{fqdn}"
+        );
+        self.close()
+    }
+
+    /// `IP:PORT` or `[IP]:PORT`.
+    fn push_endpoint(&mut self, ip: &str, port: u16) -> Result<(), ConfigError> {
+        let _ = if ip.contains(':') {
+            write!(self.text, "[{ip}]:{port}")
+        } else {
+            write!(self.text, "{ip}:{port}")
+        };
+        self.close()
+    }
+
     fn get(&self, slot: usize) -> Option<&str> {
         let end = *self.ends.get(slot)? as usize;
         let start = match slot.checked_sub(1) {
@@ -548,20 +747,64 @@ impl Targets {
 /// A service's targets: one per env and port in cluster mode, per env in
 /// host mode.
 fn target_count(s: &ServiceEntry, mode: Mode) -> usize {
-    let ports = match mode {
-        Mode::Cluster => s.ports.len(),
-        Mode::Host => 1,
-    };
-    s.envs.len().saturating_mul(ports)
+    match mode {
+        Mode::Cluster => s.envs.len().saturating_mul(s.ports.len()),
+        Mode::Host => s.envs.len(),
+        // One cluster per port, one address per pod IP and port.
+        Mode::Endpoint => endpoint_count(s)
+            .saturating_add(1)
+            .saturating_mul(s.ports.len()),
+    }
+}
+
+/// Endpoint mode: the pod IPs a service lists, all envs together.
+fn endpoint_count(s: &ServiceEntry) -> usize {
+    s.endpoints
+        .iter()
+        .fold(0usize, |n, ips| n.saturating_add(ips.len()))
+}
+
+/// Endpoint mode: the bytes of a service's targets (an upper bound when the
+/// config is invalid, exact otherwise): `outbound|PORT|envlane-endpoints|FQDN`
+/// per port, `IP:TARGETPORT` (`[IP]:TARGETPORT`) per IP and port.
+fn endpoint_bytes(s: &ServiceEntry) -> usize {
+    let mut bytes = 0usize;
+    for (k, &port) in s.ports.iter().enumerate() {
+        let target = s.target_ports.get(k).copied().unwrap_or(port);
+        bytes = bytes.saturating_add(
+            "outbound|".len()
+                + decimal_len(port)
+                + 1
+                + ENDPOINT_CLUSTER_SUBSET.len()
+                + 1
+                + s.host.len(),
+        );
+        for ips in &s.endpoints {
+            for ip in ips {
+                let brackets = if ip.contains(':') { 2 } else { 0 };
+                let each = ip.len() + brackets + 1 + decimal_len(target);
+                bytes = bytes.saturating_add(each);
+            }
+        }
+    }
+    bytes
 }
 
 /// The pair and target limits, counted before the target buffer is sized.
 fn check_sizes(config: &PluginConfig) -> Result<(), ConfigError> {
     let mut pairs = 0usize;
     let mut targets = 0usize;
+    let mut endpoints = 0usize;
     for s in &config.services {
         pairs = pairs.saturating_add(s.envs.len());
         targets = targets.saturating_add(target_count(s, config.mode));
+        endpoints = endpoints.saturating_add(endpoint_count(s));
+    }
+    if endpoints > MAX_ENDPOINTS {
+        return Err(ConfigError::new(
+            "services",
+            format!("{endpoints} endpoint addresses is over the limit of {MAX_ENDPOINTS}"),
+        ));
     }
     if pairs > MAX_PAIRS {
         return Err(ConfigError::new(
@@ -866,6 +1109,8 @@ mod tests {
                     host: format!("svc{i}.ns.svc.cluster.local"),
                     ports: vec![80, 8080, 9, 65535],
                     envs: vec![0, 2, 1],
+                    target_ports: Vec::new(),
+                    endpoints: Vec::new(),
                 })
                 .collect(),
             ..PluginConfig::default()
@@ -898,6 +1143,8 @@ mod tests {
                 host: "api.ns.svc.cluster.local".into(),
                 ports: vec![8080],
                 envs: vec![0],
+                target_ports: Vec::new(),
+                endpoints: Vec::new(),
             }],
             ..PluginConfig::default()
         };
@@ -931,6 +1178,8 @@ mod tests {
                 host: "api.ns.svc.cluster.local".into(),
                 ports: vec![9090, 80],
                 envs: vec![1, 0],
+                target_ports: Vec::new(),
+                endpoints: Vec::new(),
             }],
             ..PluginConfig::default()
         };

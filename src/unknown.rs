@@ -348,7 +348,10 @@ mod tests {
         assert!(Shape::Config.fields().contains(&"services"));
         assert_eq!(Shape::Alias.fields(), ["header", "cookie"]);
         assert_eq!(Shape::Env.fields(), ["name", "subset"]);
-        assert_eq!(Shape::Service.fields(), ["host", "ports", "envs"]);
+        assert_eq!(
+            Shape::Service.fields(),
+            ["host", "ports", "envs", "targetPorts", "endpoints"]
+        );
         assert_eq!(Shape::Caller.fields(), ["env", "ips"]);
         assert_eq!(
             Shape::CallerWorkload.fields(),

@@ -319,6 +319,8 @@ fn limits_are_checked_before_allocating() {
             host: format!("s{i}.ns.svc.cluster.local"),
             ports: vec![80],
             envs: vec![0; limits::MAX_PAIRS / 4],
+            target_ports: Vec::new(),
+            endpoints: Vec::new(),
         })
         .collect();
     let err = RoutingTable::compile(&cfg, &Node::default()).unwrap_err();
@@ -327,4 +329,102 @@ fn limits_are_checked_before_allocating() {
     let big = vec![b' '; limits::MAX_CONFIG_BYTES + 1];
     let err = parse(&big).unwrap_err();
     assert!(err.problem.contains("over the limit"), "{err}");
+}
+
+#[test]
+fn endpoint_mode_fields_are_checked() {
+    let one = |svc: &str| {
+        format!(
+            r#"{{"mode":"endpoint","envs":[{{"name":"dev"}},{{"name":"dev.a"}}],"services":[{svc}]}}"#
+        )
+    };
+    let cases: &[(String, Option<&str>)] = &[
+        // Valid: target ports default to the ports; IPv4 and IPv6.
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["10.0.0.1"]]}"#), None),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80,81],"targetPorts":[8080,8081],"envs":[1,0],"endpoints":[["fd00::1","10.0.0.2"],["10.0.0.1"]]}"#), None),
+        // A port listed twice with one target port is one port.
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80,80],"targetPorts":[9,9],"envs":[0],"endpoints":[["10.0.0.1"]]}"#), None),
+        // Refused, naming the field.
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0]}"#), Some("services[0].endpoints")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0,1],"endpoints":[["10.0.0.1"]]}"#), Some("services[0].endpoints")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[[]]}"#), Some("services[0].endpoints[0]")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["10.0.0.1","pod-a"]]}"#), Some("services[0].endpoints[0][1]")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["10.0.0.01"]]}"#), Some("services[0].endpoints[0][0]")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["FD00::1"]]}"#), Some("services[0].endpoints[0][0]")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["10.0.0.1:80"]]}"#), Some("services[0].endpoints[0][0]")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80,81],"targetPorts":[8080],"envs":[0],"endpoints":[["10.0.0.1"]]}"#), Some("services[0].targetPorts")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"targetPorts":[0],"envs":[0],"endpoints":[["10.0.0.1"]]}"#), Some("services[0].targetPorts")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80,80],"targetPorts":[1,2],"envs":[0],"endpoints":[["10.0.0.1"]]}"#), Some("services[0].targetPorts")),
+        (one(r#"{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":"10.0.0.1"}"#), Some("services[0].endpoints")),
+        // Only endpoint mode takes them; a waypoint does not take endpoint mode.
+        (r#"{"envs":[{"name":"dev"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0],"endpoints":[["10.0.0.1"]]}]}"#.into(), Some("services[0].endpoints")),
+        (r#"{"envs":[{"name":"dev"}],"services":[{"host":"a.ns.svc.cluster.local","ports":[80],"targetPorts":[80],"envs":[0]}]}"#.into(), Some("services[0].targetPorts")),
+        (r#"{"mode":"endpoint","proxy":"waypoint"}"#.into(), Some("mode")),
+    ];
+    for (json, want) in cases {
+        let got = check(json).err();
+        assert_eq!(got.as_deref(), *want, "{json}");
+    }
+}
+
+#[test]
+fn endpoint_mode_targets_are_formatted_once() {
+    let table = check(
+        r#"{"mode":"endpoint","envs":[{"name":"dev"},{"name":"dev.a"}],"services":[
+        {"host":"a.ns.svc.cluster.local","ports":[81,80],"targetPorts":[9081,9080],"envs":[1,0],
+         "endpoints":[["fd00::1","10.0.0.2"],["10.0.0.1"]]}]}"#,
+    )
+    .unwrap();
+    let fqdn = "a.ns.svc.cluster.local";
+    for (port, target) in [(80u16, 9080u16), (81, 9081)] {
+        let svc = table.service(&format!("{fqdn}:{port}")).unwrap();
+        let cluster = format!("outbound|{port}|envlane-endpoints|{fqdn}");
+        assert_eq!(svc.target(0), Some(cluster.as_str()));
+        assert_eq!(svc.target(1), Some(cluster.as_str()));
+        assert_eq!(svc.endpoint_count(0), 1);
+        assert_eq!(svc.endpoint_count(1), 2);
+        let dev: Vec<_> = (0..3).map(|k| svc.endpoint(0, k).unwrap()).collect();
+        assert_eq!(dev, vec![format!("10.0.0.1:{target}"); 3]);
+        let a: Vec<_> = (0..3).map(|k| svc.endpoint(1, k).unwrap()).collect();
+        assert_eq!(
+            a,
+            [
+                format!("[fd00::1]:{target}"),
+                format!("10.0.0.2:{target}"),
+                format!("[fd00::1]:{target}")
+            ]
+        );
+        assert_eq!(svc.endpoint(2, 0), None);
+    }
+    // What the route patch maps: the one ORIGINAL_DST cluster per port.
+    let got: Vec<(u16, Vec<&str>)> = table
+        .cluster_targets()
+        .into_iter()
+        .map(|t| (t.port, t.targets))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                80,
+                vec!["outbound|80|envlane-endpoints|a.ns.svc.cluster.local"]
+            ),
+            (
+                81,
+                vec!["outbound|81|envlane-endpoints|a.ns.svc.cluster.local"]
+            )
+        ]
+    );
+}
+
+#[test]
+fn endpoint_addresses_are_limited() {
+    let ips: Vec<String> = (0..=limits::MAX_ENDPOINTS / 2)
+        .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    let ips = serde_json::to_string(&ips).unwrap();
+    let json = format!(
+        r#"{{"mode":"endpoint","envs":[{{"name":"dev"}},{{"name":"dev.a"}}],"services":[{{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0,1],"endpoints":[{ips},{ips}]}}]}}"#
+    );
+    assert_eq!(check(&json).err().as_deref(), Some("services"));
 }

@@ -8,12 +8,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use common::alibaba;
-use envlane::config::{Mode, ROUTE_STATE_PROPERTY};
+use common::{alibaba, alibaba_endpoints, pod_ips, TARGET_PORT};
+use envlane::config::{Mode, ORIGINAL_DST_STATE_KEY, ROUTE_STATE_PROPERTY};
 use envlane::glue::{
-    Configured, Host, Plugins, Root, COUNTER_CONFIG_INVALID, COUNTER_CONFIG_UNKNOWN_FIELDS,
-    COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV, COUNTER_ROUTE_FAILED, MAX_PENDING_EXPLANATIONS,
+    envoy_filter_state_args, Configured, Host, LifeSpan, Plugins, Root, COUNTER_CONFIG_INVALID,
+    COUNTER_CONFIG_UNKNOWN_FIELDS, COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV,
+    COUNTER_ROUTE_FAILED, MAX_PENDING_EXPLANATIONS,
 };
+use envlane::table::{endpoint_cluster, socket_address};
 use envlane::wire::HeaderMap;
 
 /// Which host calls fail.
@@ -24,6 +26,7 @@ struct Failing {
     headers: bool,
     writes: bool,
     filter_state: bool,
+    envoy_state: bool,
     counters: bool,
     shared: bool,
 }
@@ -36,6 +39,7 @@ impl Failing {
             headers: true,
             writes: true,
             filter_state: true,
+            envoy_state: true,
             counters: true,
             shared: true,
         }
@@ -53,6 +57,8 @@ struct Fake {
     raw_request: Option<Vec<u8>>,
     response: RefCell<Vec<(String, Vec<u8>)>>,
     filter_state: RefCell<HashMap<String, Vec<u8>>>,
+    /// Envoy filter-state objects (`set_envoy_filter_state`).
+    envoy_state: RefCell<HashMap<String, (Vec<u8>, LifeSpan)>>,
     route_cache_cleared: RefCell<usize>,
     counters: RefCell<Vec<(String, u64)>>,
     shared: Rc<RefCell<HashMap<String, Vec<u8>>>>,
@@ -169,6 +175,16 @@ impl Host for Fake {
         self.filter_state
             .borrow_mut()
             .insert(name.into(), value.to_vec());
+        true
+    }
+
+    fn set_envoy_filter_state(&self, key: &str, value: &[u8], span: LifeSpan) -> bool {
+        if self.fail.envoy_state {
+            return false;
+        }
+        self.envoy_state
+            .borrow_mut()
+            .insert(key.into(), (value.to_vec(), span));
         true
     }
 
@@ -933,4 +949,299 @@ fn edge_rules_give_the_env_after_the_request_is_cleaned() {
         host.header("x-virtual-env").as_deref(),
         Some(&b"dev.proj9"[..])
     );
+}
+
+impl Fake {
+    /// The address endpoint mode wrote, and for how long.
+    fn original_dst(&self) -> Option<(String, LifeSpan)> {
+        self.envoy_state
+            .borrow()
+            .get(ORIGINAL_DST_STATE_KEY)
+            .map(|(v, span)| (String::from_utf8(v.clone()).unwrap(), *span))
+    }
+}
+
+fn endpoints_json() -> String {
+    serde_json::to_string(&alibaba_endpoints()).unwrap()
+}
+
+/// The `IP:PORT`s endpoint mode may pick for (service, env).
+fn addresses(service: &str, env: &str) -> Vec<String> {
+    pod_ips(service, env)
+        .iter()
+        .map(|ip| socket_address(ip, TARGET_PORT))
+        .collect()
+}
+
+#[test]
+fn endpoint_mode_routes_every_case_to_a_pod_of_the_env() {
+    // (request headers, counter, Some((service, env)) routed to / None untouched)
+    type Case<'a> = (
+        &'a [(&'a str, &'a [u8])],
+        &'a str,
+        Option<(&'a str, &'a str)>,
+    );
+    let cases: &[Case] = &[
+        // alibaba's table (README): exact, fallback, default.
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj1"),
+            ],
+            "exact",
+            Some(("java", "dev.proj1")),
+        ),
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj1.feature1"),
+            ],
+            "exact",
+            Some(("java", "dev.proj1.feature1")),
+        ),
+        (
+            &[(":authority", b"go:8080"), ("x-virtual-env", b"dev.proj1")],
+            "fallback",
+            Some(("go", "dev")),
+        ),
+        (
+            &[
+                (":authority", b"node:8080"),
+                ("x-virtual-env", b"dev.proj1"),
+            ],
+            "exact",
+            Some(("node", "dev.proj1")),
+        ),
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj2"),
+            ],
+            "fallback",
+            Some(("java", "dev")),
+        ),
+        (
+            &[(":authority", b"go:8080"), ("x-virtual-env", b"dev.proj2")],
+            "exact",
+            Some(("go", "dev.proj2")),
+        ),
+        (
+            &[
+                (":authority", b"node:8080"),
+                ("x-virtual-env", b"dev.proj2"),
+            ],
+            "fallback",
+            Some(("node", "dev")),
+        ),
+        (
+            &[
+                (":authority", b"java:8080"),
+                ("x-virtual-env", b"dev.proj1.user9"),
+            ],
+            "fallback",
+            Some(("java", "dev.proj1")),
+        ),
+        (
+            &[
+                (":authority", b"java.demo.svc.cluster.local:8080"),
+                ("x-virtual-env", b"dev.proj1.feature1.x"),
+            ],
+            "fallback",
+            Some(("java", "dev.proj1.feature1")),
+        ),
+        // No env, an env nobody has, an invalid env: the default env.
+        (
+            &[(":authority", b"java:8080")],
+            "default",
+            Some(("java", "dev")),
+        ),
+        (
+            &[(":authority", b"go:8080"), ("x-virtual-env", b"prod")],
+            "default",
+            Some(("go", "dev")),
+        ),
+        (
+            &[(":authority", b"go:8080"), ("x-virtual-env", b"bad env!")],
+            "default",
+            Some(("go", "dev")),
+        ),
+        // No port: the only port.
+        (
+            &[(":authority", b"java"), ("x-virtual-env", b"dev.proj1")],
+            "exact",
+            Some(("java", "dev.proj1")),
+        ),
+        // Not in the table: untouched.
+        (
+            &[
+                (":authority", b"java:9999"),
+                ("x-virtual-env", b"dev.proj1"),
+            ],
+            "passthrough",
+            None,
+        ),
+        (
+            &[
+                (":authority", b"other:8080"),
+                ("x-virtual-env", b"dev.proj1"),
+            ],
+            "passthrough",
+            None,
+        ),
+        (&[("x-virtual-env", b"dev.proj1")], "passthrough", None),
+    ];
+    for (headers, counter, want) in cases {
+        let host = Fake::new(&endpoints_json()).with_request(headers);
+        assert_eq!(run(&host), Configured::Loaded);
+        let what = format!("{headers:?}");
+        assert_eq!(
+            host.counter(&format!("envlane.decision.{counter}")),
+            1,
+            "{what}"
+        );
+        match want {
+            Some((service, env)) => {
+                let (addr, span) = host.original_dst().expect("address written");
+                assert!(addresses(service, env).contains(&addr), "{what}: {addr}");
+                assert_eq!(span, LifeSpan::DownstreamRequest);
+                let fqdn = format!("{service}.demo.svc.cluster.local");
+                assert_eq!(
+                    host.routed_to(),
+                    Some(endpoint_cluster(8080, &fqdn)),
+                    "{what}"
+                );
+                assert_eq!(*host.route_cache_cleared.borrow(), 1, "{what}");
+            }
+            None => {
+                assert_eq!(host.original_dst(), None, "{what}");
+                assert_eq!(host.routed_to(), None, "{what}");
+                assert_eq!(*host.route_cache_cleared.borrow(), 0, "{what}");
+            }
+        }
+        assert_eq!(host.counter(COUNTER_ROUTE_FAILED), 0, "{what}");
+    }
+}
+
+#[test]
+fn endpoint_mode_ipv6_pods_are_bracketed() {
+    let host = Fake::new(&endpoints_json()).with_request(&[
+        (":authority", b"java:8080"),
+        ("x-virtual-env", b"dev.proj1.feature1"),
+    ]);
+    run(&host);
+    assert_eq!(
+        host.original_dst().map(|(a, _)| a),
+        Some("[fd00::31]:9080".into())
+    );
+}
+
+#[test]
+fn endpoint_mode_no_client_header_steers_it() {
+    let host = Fake::new(&endpoints_json()).with_request(&[
+        (":authority", b"java:8080"),
+        ("x-virtual-env", b"dev.proj1"),
+        ("x-envoy-original-dst-host", b"6.6.6.6:9080"),
+        (ORIGINAL_DST_STATE_KEY, b"6.6.6.6:9080"),
+        (
+            "x-envlane-cluster",
+            b"outbound|8080|evil|java.demo.svc.cluster.local",
+        ),
+    ]);
+    run(&host);
+    let (addr, _) = host.original_dst().expect("written");
+    assert!(addresses("java", "dev.proj1").contains(&addr), "{addr}");
+    assert_eq!(
+        host.routed_to(),
+        Some(endpoint_cluster(8080, "java.demo.svc.cluster.local"))
+    );
+}
+
+#[test]
+fn endpoint_mode_routes_nothing_unless_the_address_was_taken() {
+    // (which write fails, address written, cluster written)
+    let cases: &[(&str, Failing, bool, bool)] = &[
+        ("nothing", Failing::default(), true, true),
+        (
+            "the address",
+            Failing {
+                envoy_state: true,
+                ..Default::default()
+            },
+            false,
+            false,
+        ),
+        (
+            "the cluster",
+            Failing {
+                filter_state: true,
+                ..Default::default()
+            },
+            true,
+            false,
+        ),
+        ("everything", Failing::all(), false, false),
+    ];
+    for (what, fail, addressed, routed) in cases {
+        let mut host = Fake::new(&endpoints_json()).with_request(JAVA);
+        host.fail = *fail;
+        assert!(run(&host).accepted(), "{what}");
+        assert_eq!(host.original_dst().is_some(), *addressed, "{what}");
+        assert_eq!(host.routed_to().is_some(), *routed, "{what}");
+        if !fail.counters && !routed {
+            assert_eq!(host.counter(COUNTER_ROUTE_FAILED), 1, "{what}");
+            assert_eq!(*host.route_cache_cleared.borrow(), 0, "{what}");
+        }
+    }
+}
+
+#[test]
+fn endpoint_mode_spreads_a_vm_requests_over_the_env_pods() {
+    let host = Fake::new(&endpoints_json());
+    let mut root = Root::default();
+    assert_eq!(root.configure(&host, host.config.len()), Configured::Loaded);
+    // Two services called in turn: each still reaches both of its pods.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for i in 0..64 {
+        let service: &[u8] = if i % 2 == 0 { b"java:8080" } else { b"go:8080" };
+        *host.request.borrow_mut() = vec![
+            (b":authority".to_vec(), service.to_vec()),
+            (b"x-virtual-env".to_vec(), b"dev".to_vec()),
+        ];
+        host.envoy_state.borrow_mut().clear();
+        let mut stream = root.stream();
+        stream.on_request_headers(&host);
+        let (addr, _) = host.original_dst().expect("written");
+        *seen.entry(addr).or_default() += 1;
+    }
+    let mut want = addresses("java", "dev");
+    want.extend(addresses("go", "dev"));
+    let mut got: Vec<&String> = seen.keys().collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want.iter().collect::<Vec<_>>());
+    for (addr, n) in &seen {
+        assert!((8..=24).contains(n), "{addr}: {n} of 32");
+    }
+}
+
+#[test]
+fn envoy_filter_state_arguments_are_the_protobuf() {
+    // As the spike sent them to Envoy 1.40 (benches/endpoint_spike).
+    let args = envoy_filter_state_args(
+        ORIGINAL_DST_STATE_KEY,
+        b"10.0.0.1:9080",
+        LifeSpan::DownstreamRequest,
+    );
+    let mut want = vec![0x0a, ORIGINAL_DST_STATE_KEY.len() as u8];
+    want.extend_from_slice(ORIGINAL_DST_STATE_KEY.as_bytes());
+    want.extend_from_slice(&[0x12, 13]);
+    want.extend_from_slice(b"10.0.0.1:9080");
+    want.extend_from_slice(&[0x18, 1]);
+    assert_eq!(args, want);
+    // FilterChain is protobuf's default: left out. A long value: a two-byte length.
+    let long = vec![b'x'; 300];
+    let args = envoy_filter_state_args("k", &long, LifeSpan::FilterChain);
+    assert_eq!(&args[..5], &[0x0a, 1, b'k', 0x12, 0xac]);
+    assert_eq!(args[5], 0x02);
+    assert_eq!(args.len(), 6 + 300);
 }

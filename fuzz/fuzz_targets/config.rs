@@ -9,7 +9,7 @@
 use envlane::config::{parse, Mode, PluginConfig};
 use envlane::decide::{plan, resolve, Headers, Outcome};
 use envlane::names::{check_env, fnv1a64, Chain, EnvName, ServiceHost, Splitter, SubsetName};
-use envlane::table::{Node, RoutingTable};
+use envlane::table::{endpoint_cluster, socket_address, Node, RoutingTable};
 use libfuzzer_sys::fuzz_target;
 
 /// Bounds on the lookups per input, so a config with many entries stays fast.
@@ -205,6 +205,22 @@ fn check_table(cfg: &PluginConfig, node: &Node, table: &RoutingTable) {
                             assert!(ServiceHost::try_new(t).is_ok(), "{t}");
                             assert!(t.contains(subset.as_str()), "{t} lacks {subset}");
                         }
+                        Mode::Endpoint => {
+                            assert_eq!(t, endpoint_cluster(p, host));
+                            // Every pick is one of the env's addresses on
+                            // the port's target port.
+                            let j = entry.envs.iter().position(|&e| e == id).expect("has");
+                            let ips = &entry.endpoints[j];
+                            let n = svc.endpoint_count(id);
+                            assert_eq!(n, ips.len());
+                            let slot = entry.ports.iter().position(|&q| q == p).expect("port");
+                            let tp = entry.target_ports.get(slot).copied().unwrap_or(p);
+                            for pick in [0u32, 1, 7, u32::MAX] {
+                                let addr = svc.endpoint(id, pick).expect("an endpoint");
+                                let want = socket_address(&ips[pick as usize % n], tp);
+                                assert_eq!(addr, want);
+                            }
+                        }
                     }
                 }
             }
@@ -269,6 +285,11 @@ fn check_table(cfg: &PluginConfig, node: &Node, table: &RoutingTable) {
                     Mode::Host => {
                         assert_eq!(p_.route_to_cluster, None);
                         assert_eq!(p_.rewrite_authority, r.target.map(|t| format!("{t}:{p}")));
+                    }
+                    Mode::Endpoint => {
+                        assert_eq!(p_.route_to_cluster, r.target);
+                        assert_eq!(p_.rewrite_authority, None);
+                        assert_eq!(p_.original_dst.is_some(), r.target.is_some());
                     }
                 }
             }

@@ -141,6 +141,10 @@ fn check_plan(map: &HeaderMap<'_>) {
             Mode::Host => {
                 assert!(p.route_to_cluster.is_none());
                 assert_eq!(p.rewrite_authority.is_some(), routed);
+            }            Mode::Endpoint => {
+                assert!(p.rewrite_authority.is_none());
+                assert_eq!(p.route_to_cluster.is_some(), routed);
+                assert_eq!(p.original_dst.is_some(), routed);
             }
         }
         let found = find_env(table, map, &NoCaller);

@@ -206,6 +206,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "N", default_value_t = crate::shared::DEFAULT_MAX_CALLERS)]
     pub max_callers: usize,
 
+    /// Endpoint mode: the mesh's trust domain (`meshConfig.trustDomain`):
+    /// the ORIGINAL_DST clusters accept a pod only with the SPIFFE identity
+    /// spiffe://TRUST_DOMAIN/ns/NS/sa/SA of a Ready pod of the Service.
+    #[arg(long, value_name = "DOMAIN", default_value = crate::render::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
     /// WasmPlugin `url`: where Istio fetches the filter module.
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
     pub wasm_url: String,
@@ -420,6 +426,7 @@ impl CommonArgs {
             blocked: Default::default(),
             shared_proxies,
             max_callers: self.max_callers,
+            trust_domain: self.trust_domain.clone(),
         })
     }
 }

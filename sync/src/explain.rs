@@ -19,6 +19,7 @@ pub fn table_text(config: &PluginConfig) -> String {
         match config.mode {
             Mode::Cluster => "cluster",
             Mode::Host => "host",
+            Mode::Endpoint => "endpoint",
         },
         config.default_env.as_deref().unwrap_or("(none)"),
         config.env_header,
@@ -221,11 +222,15 @@ mod tests {
                     host: "go.demo.svc.cluster.local".into(),
                     ports: vec![8080],
                     envs: vec![0, 2],
+                    target_ports: Vec::new(),
+                    endpoints: Vec::new(),
                 },
                 ServiceEntry {
                     host: "java.demo.svc.cluster.local".into(),
                     ports: vec![8080],
                     envs: vec![1],
+                    target_ports: Vec::new(),
+                    endpoints: Vec::new(),
                 },
             ],
             ..PluginConfig::default()

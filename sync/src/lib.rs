@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod endpoints;
 pub mod explain;
 pub mod input;
 pub mod kube_io;

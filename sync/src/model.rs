@@ -42,6 +42,12 @@ pub struct Pod {
     /// The workload name Istio reports for the pod (a Deployment's name for
     /// a ReplicaSet's pod, the controller's name otherwise, else the pod's).
     pub workload: String,
+    /// `spec.serviceAccountName` (`default` when unset): the pod's SPIFFE
+    /// identity, which endpoint mode's clusters check.
+    pub service_account: String,
+    /// The containers' named ports (name, containerPort): a Service's named
+    /// `targetPort` resolves here.
+    pub container_ports: Vec<(String, u16)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -131,6 +137,23 @@ impl From<&corev1::Pod> for Pod {
                 .as_ref()
                 .and_then(|s| s.host_network)
                 .unwrap_or(false),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            container_ports: pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    let name = p.name.clone()?;
+                    let port = u16::try_from(p.container_port).ok().filter(|&n| n > 0)?;
+                    Some((name, port))
+                })
+                .collect(),
         }
     }
 }

@@ -11,6 +11,7 @@ use envlane::table::{HostTemplate, Node, RoutingTable};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::endpoints;
 use crate::model::{
     Labels, Namespace, Pod, Service, VirtualService, HASH_ANNOTATION, MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
@@ -63,7 +64,13 @@ pub struct RenderOptions {
     pub shared_proxies: Vec<SharedProxy>,
     /// Most caller addresses a shared proxy's table carries.
     pub max_callers: usize,
+    /// Endpoint mode: the mesh's trust domain, for the SPIFFE identities
+    /// the ORIGINAL_DST clusters check.
+    pub trust_domain: String,
 }
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Istio's default root namespace.
 pub const DEFAULT_ISTIO_ROOT_NAMESPACE: &str = "istio-system";
@@ -80,6 +87,7 @@ impl Default for RenderOptions {
             blocked: BTreeSet::new(),
             shared_proxies: Vec::new(),
             max_callers: shared::DEFAULT_MAX_CALLERS,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }
@@ -304,6 +312,7 @@ pub enum RenderError {
 struct Candidate<'a> {
     labels: &'a Labels,
     env: &'a str,
+    pod: &'a Pod,
 }
 
 /// Renders the table and the objects.
@@ -359,6 +368,7 @@ pub fn render<'a>(
                 .push(Candidate {
                     labels: &pod.labels,
                     env: value.as_str(),
+                    pod,
                 });
         } else {
             not_ready.push(format!("{}/{}", pod.namespace, pod.name));
@@ -394,6 +404,8 @@ pub fn render<'a>(
     // Each namespace's pods indexed by label pair, built when a service needs it.
     let mut indexes: HashMap<&str, HashMap<(&str, &str), Vec<u32>>> = HashMap::new();
     let mut with_envs: Vec<(&Service, BTreeSet<&str>)> = Vec::new();
+    // Endpoint mode: each Service's pods by env, its ports' target ports.
+    let mut endpoint_of: HashMap<(&str, &str), endpoints::Endpoints> = HashMap::new();
     for svc in usable {
         let Some(pods) = by_namespace.get(svc.namespace.as_str()) else {
             continue;
@@ -401,7 +413,7 @@ pub fn render<'a>(
         let index = indexes
             .entry(svc.namespace.as_str())
             .or_insert_with(|| index_pods(pods, &selector_keys));
-        let envs = matching_envs(svc, pods, index);
+        let mut envs = matching_envs(svc, pods, index);
         if envs.is_empty() {
             continue;
         }
@@ -415,6 +427,34 @@ pub fn render<'a>(
                 ),
             ));
             continue;
+        }
+        if settings.mode == Mode::Endpoint {
+            let selected: Vec<(&Pod, &str)> = matching_pods(svc, pods, index)
+                .map(|c| (c.pod, c.env))
+                .collect();
+            let (found, why) = endpoints::of(svc, &selected, &opts.trust_domain);
+            warnings.extend(why);
+            envs.retain(|env| found.by_env.contains_key(*env));
+            if envs.is_empty() {
+                continue;
+            }
+            let key = ObjectKey {
+                namespace: opts.istio_root_namespace.clone(),
+                kind: Kind::EnvoyFilter,
+                name: routes::envoy_filter_name(&svc.namespace, &svc.name),
+            };
+            if opts.blocked.contains(&key) {
+                warnings.push(Warning::new(
+                    Regarding::service(&svc.namespace, &svc.name),
+                    Reason::ServiceBlocked,
+                    format!(
+                        "service {}/{}: {key} cannot be written (someone else's, too large, or refused); the service is left out of the table",
+                        svc.namespace, svc.name
+                    ),
+                ));
+                continue;
+            }
+            endpoint_of.insert((svc.namespace.as_str(), svc.name.as_str()), found);
         }
         if settings.mode == Mode::Cluster {
             let mut held = vec![
@@ -608,6 +648,21 @@ pub fn render<'a>(
             let mut ports: Vec<u16> = svc.ports.iter().map(|p| p.port).collect();
             ports.sort_unstable();
             ports.dedup();
+            let envs: Vec<&str> = envs
+                .iter()
+                .copied()
+                .filter(|e| env_index.contains_key(e))
+                .collect();
+            let (target_ports, endpoints) =
+                match endpoint_of.get(&(svc.namespace.as_str(), svc.name.as_str())) {
+                    Some(found) => (
+                        found.ports.iter().map(|p| p.target).collect(),
+                        envs.iter()
+                            .map(|e| found.by_env.get(*e).cloned().unwrap_or_default())
+                            .collect(),
+                    ),
+                    None => (Vec::new(), Vec::new()),
+                };
             ServiceEntry {
                 host: fqdn(svc, &settings.cluster_domain),
                 ports,
@@ -615,6 +670,8 @@ pub fn render<'a>(
                     .iter()
                     .filter_map(|e| env_index.get(e).copied())
                     .collect(),
+                target_ports,
+                endpoints,
             }
         })
         .collect();
@@ -710,6 +767,25 @@ pub fn render<'a>(
         &settings.cluster_domain,
         |host, patches| {
             if let Some(svc) = by_fqdn.get(host) {
+                // Endpoint mode: the ORIGINAL_DST clusters the patched
+                // routes map, in the same object (written together).
+                let clusters: Vec<Value> = endpoint_of
+                    .get(&(svc.namespace.as_str(), svc.name.as_str()))
+                    .map(|found| {
+                        shapes
+                            .iter()
+                            .flat_map(|shape| {
+                                let context = match shape {
+                                    routes::Shape::Gateway => "GATEWAY",
+                                    _ => "SIDECAR_OUTBOUND",
+                                };
+                                found.ports.iter().map(move |p| {
+                                    endpoints::cluster_patch(context, host, p, &found.identities)
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 objects.push(object(
                     Kind::EnvoyFilter,
                     &opts.istio_root_namespace,
@@ -720,7 +796,10 @@ pub fn render<'a>(
                     ],
                     &[],
                     &EnvoyFilterSpec {
-                        config_patches: patches,
+                        config_patches: Patches {
+                            clusters: &clusters,
+                            routes: patches,
+                        },
                         target_refs: None,
                     },
                 ));
@@ -754,7 +833,10 @@ pub fn render<'a>(
                         ],
                         &[],
                         &EnvoyFilterSpec {
-                            config_patches: patches,
+                            config_patches: Patches {
+                                clusters: &[],
+                                routes: patches,
+                            },
                             target_refs: Some([TargetRef {
                                 group: "gateway.networking.k8s.io",
                                 kind: "GatewayClass",
@@ -774,6 +856,8 @@ pub fn render<'a>(
             .collect();
         match settings.mode {
             Mode::Cluster => objects.push(destination_rule(svc, &pairs, opts)),
+            // One cluster per Service port, in the route EnvoyFilter.
+            Mode::Endpoint => {}
             Mode::Host => {
                 for (env, subset) in pairs {
                     let name =
@@ -813,34 +897,43 @@ fn index_pods<'a>(
     index
 }
 
-/// The envs of the Ready pods `svc` selects: candidates from the selector's
-/// rarest label pair, each checked against the whole selector.
+/// The envs of the Ready pods `svc` selects.
 fn matching_envs<'a>(
     svc: &Service,
     pods: &[Candidate<'a>],
     index: &HashMap<(&str, &str), Vec<u32>>,
 ) -> BTreeSet<&'a str> {
+    matching_pods(svc, pods, index).map(|pod| pod.env).collect()
+}
+
+/// The Ready pods `svc` selects: candidates from the selector's rarest
+/// label pair, each checked against the whole selector.
+fn matching_pods<'p, 'a>(
+    svc: &'p Service,
+    pods: &'p [Candidate<'a>],
+    index: &'p HashMap<(&str, &str), Vec<u32>>,
+) -> impl Iterator<Item = &'p Candidate<'a>> + 'p {
     let mut rarest: Option<&Vec<u32>> = None;
     for (k, v) in &svc.selector {
         match index.get(&(k.as_str(), v.as_str())) {
-            None => return BTreeSet::new(),
+            // A selector pair no pod has: nothing matches.
+            None => {
+                rarest = None;
+                break;
+            }
             Some(list) if rarest.is_none_or(|r| list.len() < r.len()) => rarest = Some(list),
             Some(_) => {}
         }
     }
-    let Some(rarest) = rarest else {
-        return BTreeSet::new();
-    };
     rarest
-        .iter()
-        .filter_map(|&i| pods.get(i as usize))
-        .filter(|pod| {
+        .into_iter()
+        .flatten()
+        .filter_map(move |&i| pods.get(i as usize))
+        .filter(move |pod| {
             svc.selector
                 .iter()
                 .all(|(k, v)| pod.labels.get(k) == Some(v))
         })
-        .map(|pod| pod.env)
-        .collect()
 }
 
 pub fn fqdn(svc: &Service, cluster_domain: &str) -> String {
@@ -946,10 +1039,31 @@ struct MetadataJson<'a> {
 #[derive(Serialize)]
 struct EnvoyFilterSpec<'a> {
     #[serde(rename = "configPatches")]
-    config_patches: &'a [routes::RoutePatch<'a>],
+    config_patches: Patches<'a>,
     /// Waypoints' patches: the waypoint GatewayClass (sidecars have none).
     #[serde(rename = "targetRefs", skip_serializing_if = "Option::is_none")]
     target_refs: Option<[TargetRef; 1]>,
+}
+
+/// An EnvoyFilter's patches: endpoint mode's clusters, then the routes
+/// (without clusters, the same JSON as the route list alone).
+struct Patches<'a> {
+    clusters: &'a [Value],
+    routes: &'a [routes::RoutePatch<'a>],
+}
+
+impl Serialize for Patches<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.clusters.len() + self.routes.len()))?;
+        for c in self.clusters {
+            seq.serialize_element(c)?;
+        }
+        for r in self.routes {
+            seq.serialize_element(r)?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]

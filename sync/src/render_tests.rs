@@ -44,6 +44,8 @@ fn pod(ns: &str, app: &str, env: &str, ready: bool) -> Pod {
         ips: Vec::new(),
         host_network: false,
         workload: format!("{app}-{env}"),
+        service_account: app.into(),
+        container_ports: Vec::new(),
     }
 }
 
@@ -1421,4 +1423,122 @@ fn gateway_and_waypoint_route_patches() {
         .objects
         .iter()
         .all(|o| !o.key.name.ends_with(".waypoint")));
+}
+
+/// `pod` with an address.
+fn pod_at(ns: &str, app: &str, env: &str, ip: &str) -> Pod {
+    Pod {
+        ips: if ip.is_empty() {
+            vec![]
+        } else {
+            vec![ip.into()]
+        },
+        ..pod(ns, app, env, true)
+    }
+}
+
+#[test]
+fn endpoint_mode_tables_and_clusters() {
+    let settings = PluginConfig {
+        mode: Mode::Endpoint,
+        default_env: Some("dev".into()),
+        ..PluginConfig::default()
+    };
+    // (gateway on, pods (app, env, ip), want pairs, want cluster contexts, warnings)
+    type Case<'a> = (
+        bool,
+        &'a [(&'a str, &'a str, &'a str)],
+        &'a [&'a str],
+        &'a [&'a str],
+        usize,
+    );
+    let cases: &[Case] = &[
+        (
+            false,
+            &[
+                ("go", "dev", "10.0.0.1"),
+                ("go", "dev.a", "10.0.0.2"),
+                ("go", "dev.a", "10.0.0.3"),
+            ],
+            &["go.demo.svc.cluster.local [8080]: dev,dev.a"],
+            &["SIDECAR_OUTBOUND"],
+            0,
+        ),
+        // A centralized gateway's routes map the same clusters: added there too.
+        (
+            true,
+            &[("go", "dev", "10.0.0.1")],
+            &["go.demo.svc.cluster.local [8080]: dev"],
+            &["SIDECAR_OUTBOUND", "GATEWAY"],
+            0,
+        ),
+        // An env whose pods have no address yet is no env of the service.
+        (
+            false,
+            &[("go", "dev", "10.0.0.1"), ("go", "dev.a", "")],
+            &["go.demo.svc.cluster.local [8080]: dev"],
+            &["SIDECAR_OUTBOUND"],
+            1,
+        ),
+        // No pod with an address: no service.
+        (false, &[("go", "dev", "")], &[], &[], 1),
+    ];
+    for (gateway, pods, want_pairs, want_contexts, want_warnings) in cases {
+        let mut opts = opts_with(settings.clone());
+        if *gateway {
+            opts.shared_proxies = vec![SharedProxy::parse_gateway("mesh-gw:app=gw").unwrap()];
+        }
+        let pods: Vec<Pod> = pods
+            .iter()
+            .map(|(app, env, ip)| pod_at("demo", app, env, ip))
+            .collect();
+        let r = render(
+            &[ns("demo", true)],
+            &pods,
+            &[svc("demo", "go", "go", &[8080])],
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(pairs(&r), *want_pairs, "{pods:?}");
+        assert!(
+            r.objects
+                .iter()
+                .all(|o| o.key.kind != Kind::DestinationRule),
+            "no subsets in endpoint mode"
+        );
+        let got: Vec<Value> = r
+            .objects
+            .iter()
+            .filter(|o| o.key.kind == Kind::EnvoyFilter)
+            .flat_map(|o| {
+                o.body()["spec"]["configPatches"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let contexts: Vec<&str> = got
+            .iter()
+            .filter(|p| p["applyTo"] == "CLUSTER")
+            .map(|p| p["match"]["context"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(contexts, *want_contexts, "{pods:?}");
+        for route in got.iter().filter(|p| p["applyTo"] == "HTTP_ROUTE") {
+            let map = &route["patch"]["value"]["route"]["inline_cluster_specifier_plugin"]
+                ["extension"]["typed_config"]["cluster_matcher"]["matcher_tree"]["exact_match_map"]
+                ["map"];
+            let keys: Vec<&String> = map.as_object().unwrap().keys().collect();
+            assert_eq!(
+                keys,
+                ["outbound|8080|envlane-endpoints|go.demo.svc.cluster.local"]
+            );
+        }
+        let target_port: Vec<&Warning> = r
+            .warnings
+            .iter()
+            .filter(|w| w.reason == Reason::TargetPortUnresolved)
+            .collect();
+        assert_eq!(target_port.len(), *want_warnings, "{:?}", r.warnings);
+        RoutingTable::compile(&r.table, &Node::default()).unwrap();
+    }
 }

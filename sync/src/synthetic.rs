@@ -87,6 +87,7 @@ pub fn cluster(pods: usize, services: usize, namespaces: usize) -> Snapshot {
             host_network: false,
             // What `workload_name` gives a bare pod (no owner in the JSON below).
             workload: format!("svc{s}-{p}"),
+            ..Pod::default()
         });
     }
     snap

@@ -34,6 +34,9 @@ pub enum Reason {
     WaypointRoutesNotPatched,
     /// More caller addresses than `--max-callers`: no caller table.
     CallerTableTooLarge,
+    /// Endpoint mode: a Service's targetPort does not resolve for some or
+    /// all of its pods.
+    TargetPortUnresolved,
     /// Not a warning: a namespace's table was written (a Normal Event).
     TableWritten,
 }
@@ -62,6 +65,7 @@ impl Reason {
             Reason::CallerAddressShared => "CallerAddressShared",
             Reason::WaypointRoutesNotPatched => "WaypointRoutesNotPatched",
             Reason::CallerTableTooLarge => "CallerTableTooLarge",
+            Reason::TargetPortUnresolved => "TargetPortUnresolved",
             Reason::TableWritten => "TableWritten",
         }
     }

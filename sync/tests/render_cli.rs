@@ -122,6 +122,81 @@ fn alibaba_fixture() {
 }
 
 #[test]
+fn endpoint_fixture() {
+    let (yaml, _) = render("endpoint", &[]);
+    let d = docs(&yaml);
+    let kinds: Vec<String> = d
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // No DestinationRule: one EnvoyFilter per Service with its clusters.
+    assert_eq!(
+        kinds,
+        [
+            "WasmPlugin/envlane",
+            "EnvoyFilter/envlane-routes.demo.go",
+            "EnvoyFilter/envlane-routes.demo.java",
+            "EnvoyFilter/envlane-routes.demo.node",
+        ]
+    );
+    let t = table_of(&d);
+    assert_eq!(
+        pairs(&t),
+        [
+            "go.demo.svc.cluster.local: dev,dev.proj2",
+            "java.demo.svc.cluster.local: dev,dev.proj1,dev.proj1.feature1",
+            "node.demo.svc.cluster.local: dev,dev.proj1",
+        ]
+    );
+    let java = &t.services[1];
+    assert_eq!(
+        (java.ports.clone(), java.target_ports.clone()),
+        (vec![8080, 9090], vec![9080, 9091])
+    );
+    assert_eq!(java.endpoints.len(), 3);
+    assert!(java.endpoints.iter().all(|ips| ips.len() == 1));
+    let table = RoutingTable::compile(&t, &Node::default()).unwrap();
+    // Each EnvoyFilter: the ports' ORIGINAL_DST clusters, then the route patches mapping them.
+    for ef in d.iter().filter(|o| o["kind"] == "EnvoyFilter") {
+        let patches = ef["spec"]["configPatches"].as_array().unwrap();
+        let clusters: Vec<&str> = patches
+            .iter()
+            .filter(|p| p["applyTo"] == "CLUSTER")
+            .map(|p| p["patch"]["value"]["name"].as_str().unwrap())
+            .collect();
+        let svc = ef["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .rsplit('.')
+            .next()
+            .unwrap();
+        let fqdn = format!("{svc}.demo.svc.cluster.local");
+        let want: Vec<String> = table
+            .cluster_targets()
+            .iter()
+            .filter(|t| t.fqdn == fqdn)
+            .flat_map(|t| t.targets.iter().map(|s| s.to_string()))
+            .collect();
+        assert_eq!(clusters, want, "{svc}");
+        let sans = &patches[0]["patch"]["value"]["transport_socket"]["typed_config"]
+            ["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+            ["match_typed_subject_alt_names"];
+        let app = if svc == "java" { "springboot" } else { svc };
+        assert_eq!(
+            sans[0]["matcher"]["exact"],
+            format!("spiffe://cluster.local/ns/demo/sa/{app}")
+        );
+    }
+    golden("endpoint", &yaml);
+}
+
+#[test]
 fn swimlane_fixture() {
     let (yaml, _) = render("swimlane", &[]);
     let t = table_of(&docs(&yaml));

@@ -25,6 +25,8 @@ pub fn config(services: &[(&str, u16, &[&str])], default_env: Option<&str>) -> P
             host: host.to_string(),
             ports: vec![*port],
             envs: ids,
+            target_ports: Vec::new(),
+            endpoints: Vec::new(),
         });
     }
     PluginConfig {
@@ -61,6 +63,45 @@ pub fn alibaba(mode: Mode) -> PluginConfig {
         Some("dev"),
     );
     cfg.mode = mode;
+    cfg
+}
+
+/// Endpoint mode's pod IPs of (service, env) in [`alibaba_endpoints`]: two
+/// IPv4 pods, one IPv6 pod for java's `dev.proj1.feature1`.
+pub fn pod_ips(service: &str, env: &str) -> Vec<String> {
+    if (service, env) == ("java", "dev.proj1.feature1") {
+        return vec!["fd00::31".into()];
+    }
+    let s = ["node", "go", "java"]
+        .iter()
+        .position(|n| *n == service)
+        .unwrap_or(9)
+        + 1;
+    let e = ["dev", "dev.proj1", "dev.proj2"]
+        .iter()
+        .position(|n| *n == env)
+        .unwrap_or(9)
+        + 1;
+    (1..=2).map(|k| format!("10.{s}.{e}.{k}")).collect()
+}
+
+/// The target port of every service port in [`alibaba_endpoints`].
+pub const TARGET_PORT: u16 = 9080;
+
+/// [`alibaba`] in endpoint mode: port 8080 → target port 9080, the pods of
+/// [`pod_ips`].
+pub fn alibaba_endpoints() -> PluginConfig {
+    let mut cfg = alibaba(Mode::Endpoint);
+    let envs: Vec<String> = cfg.envs.iter().map(|e| e.name.clone()).collect();
+    for svc in &mut cfg.services {
+        let name = svc.host.split('.').next().unwrap_or_default().to_string();
+        svc.target_ports = vec![TARGET_PORT];
+        svc.endpoints = svc
+            .envs
+            .iter()
+            .map(|&id| pod_ips(&name, envs.get(id as usize).map_or("", String::as_str)))
+            .collect();
+    }
     cfg
 }
 
