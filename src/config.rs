@@ -80,7 +80,8 @@ pub enum Mode {
     Cluster,
     /// Rewrite `:authority` to a per-env Service host made from `hostTemplate`.
     Host,
-    /// Pick one Ready pod of the env (round robin over `endpoints`), write
+    /// Pick one Ready pod of the env (spread by a scrambled per-VM request
+    /// counter over `endpoints`), write
     /// its `IP:TARGETPORT` to Envoy filter state
     /// `envoy.network.transport_socket.original_dst_address` and the service
     /// port's ORIGINAL_DST cluster (`outbound|PORT|envlane-endpoints|FQDN`,

@@ -360,7 +360,7 @@ pub fn plan_for<'t>(
 /// The whole decision for one request. At the edge the env is what a rule
 /// gives; elsewhere it is found in the request, then the caller. Endpoint
 /// mode picks endpoint `pick` modulo the env's number of endpoints (the
-/// glue hands in a counter: round robin).
+/// glue hands in a scrambled per-VM counter: spread, not strict round robin).
 pub fn plan_with<'t>(
     table: &'t RoutingTable,
     headers: &impl Headers,
