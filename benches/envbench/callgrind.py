@@ -44,7 +44,7 @@ def envoy_instructions(variants: list[Variant], workdir: Path, upstream: App, re
             started = time.monotonic()
             proxy = v.proxy(upstream.port, workdir, quiet_stats=True)
             try:
-                reqs = v.table.requests()
+                reqs = proxy.requests()
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
 
                 def go(k: int) -> None:

@@ -1,8 +1,9 @@
 """`python3 benches/run.py [quick|full|report] ...` (`./build.sh bench` builds
 what it needs, installs the tools, then runs this).
 
-  quick   Envoy instructions/request under callgrind of A, B, C, D and noop
-          (+ every --extra-wasm build); ~6-8 minutes
+  quick   Envoy instructions/request under callgrind of A, B, B endpoint
+          (envlane in endpoint mode), C, D and noop (+ every --extra-wasm
+          build); ~7-9 minutes
   full    everything: wrk/h2load per request, callgrind of every variant,
           config pushes, the native criterion bench and the envlane-sync
           render; ~30 minutes
@@ -30,6 +31,20 @@ from . import callgrind, gateway, load, native, push, report, variants
 from .common import DIST_BENCH, NOOP_WASM, RESULTS, check_built, harness, log, missing_tools, start_upstream
 
 
+class only_names(list):
+    """One --only argument: a variant name, or several separated by commas."""
+
+    def __init__(self, text: str):
+        super().__init__(n.strip() for n in text.split(",") if n.strip())
+
+
+def picked_by_name(name: str, only: list[str]) -> bool:
+    """`name` is asked for in --only; '-' matches a space ('B-endpoint' is
+    'B endpoint')."""
+    norm = lambda n: n.replace("-", " ")  # noqa: E731
+    return norm(name) in {norm(n) for n in only}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benches/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="full", choices=["quick", "full", "gateway", "report"])
@@ -41,7 +56,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--noop-wasm", type=Path, default=NOOP_WASM, help="the empty filter (cargo feature bench-noop; ./build.sh bench builds it)")
     ap.add_argument("--extra-wasm", action="append", default=[], metavar="NAME=PATH",
                     help="another build of the filter, measured as variant 'B NAME' in the same run (e.g. before=old.wasm)")
-    ap.add_argument("--only", nargs="*", help="only these variants (e.g. A B 'C 100 envs'; 'B 10 pairs' and 'B 100k pairs' only by name)")
+    ap.add_argument("--only", nargs="*", type=only_names,
+                    help="only these variants (e.g. A B 'C 100 envs', or comma-separated with '-' for spaces: B,B-endpoint; "
+                         "'B 10 pairs' and 'B 100k pairs' only by name)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["http1", "h2", "reload", "criterion", "callgrind", "render", "instructions", "gateway"])
     ap.add_argument("--duration", type=float, default=10.0, help="wrk: measured seconds per run (default 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="wrk: warm-up seconds per run (default 2)")
@@ -64,12 +81,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def chosen(args, all_variants: list[variants.Variant]) -> list[variants.Variant]:
     if args.only:
-        return [v for v in all_variants if v.name in args.only]
+        return [v for v in all_variants if picked_by_name(v.name, args.only)]
     return [v for v in all_variants if v.name not in ("B 10 pairs", "B 100k pairs")]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.only is not None:
+        args.only = [name for names in args.only for name in names]
     if args.mode == "report":
         res = report.load(args.results)
         print(report.markdown(res))
@@ -105,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_before": os.getloadavg(), "variants": {}}
     all_variants = variants.standard(args.services, args.services_100, args.wasm, noop, extra, sizes=bool(args.only))
     if quick:
-        picked = [v for v in all_variants if v.name in ("A", "B", "C", "D", "noop") or v.name.removeprefix("B ") in extra]
+        picked = [v for v in all_variants if v.name in ("A", "B", "B endpoint", "C", "D", "noop") or v.name.removeprefix("B ") in extra]
         if args.only:
-            picked = [v for v in picked if v.name in args.only]
+            picked = [v for v in picked if picked_by_name(v.name, args.only)]
     else:
         picked = chosen(args, all_variants)
     workdir = Path(tempfile.mkdtemp(prefix="envlane-bench-"))

@@ -88,7 +88,7 @@ def routed_share(proxy: Proxy, before: dict[str, int]) -> float | None:
         return None
     after = proxy.cluster_counts()
     delta = {k: v - before.get(k, 0) for k, v in after.items()}
-    expected = {c for _, _, c in proxy.table.requests()}
+    expected = {c for _, _, c in proxy.requests()}
     if proxy.expect_default:
         # The route's own cluster: the default route's, or the subset-less
         # one where the route patch's matcher falls back to it.

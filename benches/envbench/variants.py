@@ -8,6 +8,12 @@
       swimlane demo generate them
   D   the same fallback as an inline Lua filter (KtEnv-style)
   noop  B's Envoy with the empty filter (`--features bench-noop`)
+  B endpoint  envlane in endpoint mode (issue 13): the table with
+      `mode: endpoint`, `targetPorts` and per-env `endpoints` (the upstream's
+      address for every env), per hot service port ONE ORIGINAL_DST cluster
+      `outbound|PORT|envlane-endpoints|FQDN` plus the service's own cluster,
+      no cluster per (service, env); routes patched as `envlane-sync
+      route-patches` renders them for that table
 
 plus diagnostics of B (passthrough, other table sizes, another build of the
 module)."""
@@ -28,6 +34,7 @@ from harness import (
     ecds_resource,
     fqdn,
     free_port,
+    h2_options,
     service_domains,
     sidecar_bootstrap,
     static_cluster,
@@ -90,6 +97,36 @@ class Table:
 
 def cluster(i: int, subset: str = "") -> str:
     return f"outbound|{PORT}|{subset}|{fqdn(svc_name(i))}"
+
+# Endpoint mode: the one cluster per service port the filter names (the
+# `targets` of `envlane-sync route-patches`).
+ENDPOINT_SUBSET = "envlane-endpoints"
+UPSTREAM_IP = "127.0.0.1"  # where the bench upstream listens (harness.App)
+
+def endpoint_config(table: Table, target_port: int, revision: str = "bench-endpoint") -> dict:
+    """`table` in endpoint mode: every env's one pod is the bench upstream
+    (its IP; `targetPorts` its port), so the ORIGINAL_DST cluster the filter
+    steers connects to it."""
+    cfg = table.config(revision)
+    cfg["mode"] = "endpoint"
+    for svc in cfg["services"]:
+        svc["targetPorts"] = [target_port for _ in svc["ports"]]
+        svc["endpoints"] = [[UPSTREAM_IP] for _ in svc["envs"]]
+    return cfg
+
+def original_dst_cluster(name: str, h2: bool) -> dict:
+    """envlane-sync's CLUSTER ADD value without its transport socket (as
+    integration/endpoint_mesh.py builds it)."""
+    c = {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "10s", "cleanup_interval": "60s"}
+    if h2:
+        c["typed_extension_protocol_options"] = h2_options()
+    return c
+
+def endpoint_cluster_set(table: Table, upstream: int, h2: bool) -> list[dict]:
+    """Endpoint mode's clusters for the hot services: the service's own
+    (subset-less) cluster and its ORIGINAL_DST cluster; no subset clusters."""
+    own = [static_cluster(cluster(i), upstream, h2) for i in table.hot()]
+    return own + [original_dst_cluster(cluster(i, ENDPOINT_SUBSET), h2) for i in table.hot()]
 
 def cluster_set(table: Table, upstream: int, h2: bool, extra: dict[str, int] | None = None) -> list[dict]:
     """The same clusters for every variant: hot services × every env subset,
@@ -242,9 +279,14 @@ class Proxy:
 
     def __init__(self, variant: str, table: Table, upstream: int, workdir: Path, *, h2_upstream: bool = False,
                  extra_clusters: dict[str, int] | None = None, plugin_config: dict | None = None, name: str | None = None,
-                 wasm: Path | None = None, quiet_stats: bool = False, route_table: dict | None = None):
+                 wasm: Path | None = None, quiet_stats: bool = False, route_table: dict | None = None, mode: str = "cluster"):
         self.variant = variant
         self.table = table
+        self.mode = mode
+        if mode == "endpoint":
+            if variant != "B":
+                raise ValueError(f"endpoint mode is a B variant, not {variant}")
+            plugin_config = endpoint_config(table, upstream)
         self.expect_default = False  # routed by the plain default route (passthrough)
         self.port = free_port()
         # Unique per Envoy: the ECDS file and the log must not be shared.
@@ -266,7 +308,9 @@ class Proxy:
             raise ValueError(variant)
         boot = sidecar_bootstrap(
             pod=f"bench-{variant.lower()}", labels={"app": "client"}, listen_port=self.port, admin_port=free_port(),
-            virtual_hosts=vhosts, clusters=cluster_set(table, upstream, h2_upstream, extra_clusters), http_filters=filters,
+            virtual_hosts=vhosts, http_filters=filters,
+            clusters=(endpoint_cluster_set(table, upstream, h2_upstream) if mode == "endpoint"
+                      else cluster_set(table, upstream, h2_upstream, extra_clusters)),
         )
         hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         # Routes to the subsets of services no request uses name clusters this
@@ -289,6 +333,15 @@ class Proxy:
             raise
         self.startup_s = time.monotonic() - started
 
+    def requests(self) -> list[tuple[str, str, str]]:
+        """The table's requests with the cluster this Envoy should send each
+        to (endpoint mode: the service's ORIGINAL_DST cluster)."""
+        reqs = self.table.requests()
+        if self.mode != "endpoint":
+            return reqs
+        by_host = {f"{svc_name(i)}:{PORT}": cluster(i, ENDPOINT_SUBSET) for i in self.table.hot()}
+        return [(host, env, by_host[host]) for host, env, _ in reqs]
+
     @property
     def pid(self) -> int:
         return self.envoy.process.proc.pid
@@ -309,7 +362,7 @@ class Proxy:
 
 def smoke(proxy: Proxy) -> None:
     """One request per distinct kind must answer 200 before measuring."""
-    for host, env, _ in proxy.table.requests()[:3]:
+    for host, env, _ in proxy.requests()[:3]:
         status, _, body = harness.http_get(proxy.url(), {"host": host, "x-virtual-env": env})
         if status != 200:
             raise RuntimeError(f"{proxy.variant} {host} {env}: HTTP {status} {body[:200]}")
@@ -335,9 +388,11 @@ class Variant:
     plugin_config: dict | None = None
     wasm: Path | None = None  # B: the module (default: the filter under test)
     expect_default: bool = False  # routed by the route's own cluster (passthrough, noop)
+    mode: str = "cluster"  # B: "endpoint" builds the endpoint-mode table and clusters
 
     def proxy(self, upstream: int, workdir: Path, **kw) -> Proxy:
-        p = Proxy(self.kind, self.table, upstream, workdir, plugin_config=self.plugin_config, name=self.name, wasm=self.wasm, **kw)
+        p = Proxy(self.kind, self.table, upstream, workdir, plugin_config=self.plugin_config, name=self.name, wasm=self.wasm,
+                  mode=self.mode, **kw)
         p.expect_default = self.expect_default
         return p
 
@@ -348,7 +403,8 @@ def standard(services: int, services_100: int, wasm: Path, noop: Path | None, ex
     builds of the filter measured as B (`B <name>`), e.g. the build before a
     change, next to the current one in the same run."""
     main = Table(services, 10)
-    out = [Variant("A", "A", main), Variant("B", "B", main, wasm=wasm), Variant("C", "C", main), Variant("D", "D", main)]
+    out = [Variant("A", "A", main), Variant("B", "B", main, wasm=wasm), Variant("B endpoint", "B", main, wasm=wasm, mode="endpoint"),
+           Variant("C", "C", main), Variant("D", "D", main)]
     if noop:
         out.append(Variant("noop", "B", main, wasm=noop, expect_default=True))
     out.append(Variant("B passthrough", "B", main, passthrough_config(main), wasm=wasm, expect_default=True))
