@@ -563,6 +563,8 @@ def test_a_proxy_without_sds_grpc(shop, cp):
         wait_for(lambda: bare.stats("cluster_manager.cds.update").get("cluster_manager.cds.update_attempt", 0) > 0
                  and (bare.stats().get("cluster_manager.cds.update_rejected", 0)
                       or bare.stats().get("cluster_manager.cds.update_success", 0)), "the bare proxy's first CDS", 60)
+        # An absence window: the clusters must still be warming (never
+        # ready) a while after CDS was taken; there is no event to wait on.
         time.sleep(2)
         stats = bare.stats()
         dump = bare.config_dump()
