@@ -691,12 +691,7 @@ pub fn render<'a>(
     };
 
     let mut objects = Vec::new();
-    let plugin_config = Arc::new(
-        serde_json::to_value(&table)
-            .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?,
-    );
-    let table_json = serde_json::to_vec(&table).unwrap_or_default();
-    let table_hash = format!("{:016x}", fnv1a64(&table_json));
+    let mesh_table = SerializedTable::of(&table)?;
     let status = TableStatus {
         revision: table.revision.as_deref().unwrap_or_default(),
         pairs: stats.pairs.to_string(),
@@ -708,9 +703,7 @@ pub fn render<'a>(
             ns,
             &opts.wasm_plugin_name,
             PluginTarget::Namespace,
-            &plugin_config,
-            &table_hash,
-            table_json.len(),
+            &mesh_table,
             &status,
             opts,
         ));
@@ -728,12 +721,7 @@ pub fn render<'a>(
         let shared_table = shared::table_for(&table, plugin.proxy, &callers);
         RoutingTable::compile(&shared_table, &Node::default())
             .map_err(RenderError::InvalidTable)?;
-        let config = Arc::new(
-            serde_json::to_value(&shared_table)
-                .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?,
-        );
-        let json = serde_json::to_vec(&shared_table).unwrap_or_default();
-        let hash = format!("{:016x}", fnv1a64(&json));
+        let serialized = SerializedTable::of(&shared_table)?;
         let target = match &plugin.selector {
             Some(labels) => PluginTarget::Selector(labels),
             None => PluginTarget::Waypoints(&plugin.waypoints),
@@ -742,9 +730,7 @@ pub fn render<'a>(
             &plugin.namespace,
             plugin.name,
             target,
-            &config,
-            &hash,
-            json.len(),
+            &serialized,
             &status,
             opts,
         ));
@@ -786,15 +772,9 @@ pub fn render<'a>(
                             .collect()
                     })
                     .unwrap_or_default();
-                objects.push(object(
-                    Kind::EnvoyFilter,
-                    &opts.istio_root_namespace,
+                objects.push(route_envoy_filter(
+                    svc,
                     &routes::envoy_filter_name(&svc.namespace, &svc.name),
-                    &[
-                        (SERVICE_LABEL, &svc.name),
-                        (SERVICE_NAMESPACE_LABEL, &svc.namespace),
-                    ],
-                    &[],
                     &EnvoyFilterSpec {
                         config_patches: Patches {
                             clusters: &clusters,
@@ -802,6 +782,7 @@ pub fn render<'a>(
                         },
                         target_refs: None,
                     },
+                    opts,
                 ));
             }
         },
@@ -823,15 +804,9 @@ pub fn render<'a>(
             &settings.cluster_domain,
             |host, patches| {
                 if let Some(svc) = by_fqdn.get(host) {
-                    objects.push(object(
-                        Kind::EnvoyFilter,
-                        &opts.istio_root_namespace,
+                    objects.push(route_envoy_filter(
+                        svc,
                         &routes::waypoint_envoy_filter_name(&svc.namespace, &svc.name),
-                        &[
-                            (SERVICE_LABEL, &svc.name),
-                            (SERVICE_NAMESPACE_LABEL, &svc.namespace),
-                        ],
-                        &[],
                         &EnvoyFilterSpec {
                             config_patches: Patches {
                                 clusters: &[],
@@ -843,6 +818,7 @@ pub fn render<'a>(
                                 name: routes::WAYPOINT_GATEWAY_CLASS,
                             }]),
                         },
+                        opts,
                     ));
                 }
             },
@@ -1144,17 +1120,57 @@ enum PluginTarget<'a> {
     Waypoints(&'a [String]),
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A Service's route EnvoyFilter (its sidecars' and gateways', or its
+/// waypoints'): in Istio's root namespace, labelled with its Service.
+fn route_envoy_filter(
+    svc: &Service,
+    name: &str,
+    spec: &EnvoyFilterSpec<'_>,
+    opts: &RenderOptions,
+) -> DesiredObject {
+    object(
+        Kind::EnvoyFilter,
+        &opts.istio_root_namespace,
+        name,
+        &[
+            (SERVICE_LABEL, &svc.name),
+            (SERVICE_NAMESPACE_LABEL, &svc.namespace),
+        ],
+        &[],
+        spec,
+    )
+}
+
+/// A table as a WasmPlugin carries it: one shared `Value`, its hash (what
+/// the object's own content hash covers instead of the table) and its size.
+struct SerializedTable {
+    value: Arc<Value>,
+    hash: String,
+    bytes: usize,
+}
+
+impl SerializedTable {
+    fn of(table: &PluginConfig) -> Result<Self, RenderError> {
+        let value = serde_json::to_value(table)
+            .map_err(|e| RenderError::Settings(format!("cannot serialize the table: {e}")))?;
+        let json = serde_json::to_vec(table).unwrap_or_default();
+        Ok(Self {
+            value: Arc::new(value),
+            hash: format!("{:016x}", fnv1a64(&json)),
+            bytes: json.len(),
+        })
+    }
+}
+
 fn wasm_plugin(
     namespace: &str,
     name: &str,
     target: PluginTarget<'_>,
-    plugin_config: &Arc<Value>,
-    table_hash: &str,
-    table_bytes: usize,
+    table: &SerializedTable,
     status: &TableStatus<'_>,
     opts: &RenderOptions,
 ) -> DesiredObject {
+    let table_hash = table.hash.as_str();
     let mut spec = json!({
         "url": opts.wasm_url,
         "phase": WASM_PHASE,
@@ -1196,8 +1212,8 @@ fn wasm_plugin(
         ],
         &spec,
     );
-    obj.table = Some(Arc::clone(plugin_config));
-    obj.table_bytes = table_bytes;
+    obj.table = Some(Arc::clone(&table.value));
+    obj.table_bytes = table.bytes;
     obj
 }
 
