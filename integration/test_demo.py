@@ -36,21 +36,28 @@ def test_demo_routes_every_case():
     assert re.search(r"starting 7 app pods and 5 Envoy sidecars", out.stdout)
 
 
+def lines_until_serving(p: subprocess.Popen) -> list[str]:
+    """A `--serve` demo's output up to its "Ctrl-C to stop" line (asserted)."""
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C to stop" in line:
+            break
+    text = "".join(lines)
+    assert "Ctrl-C to stop" in text, text
+    return lines
+
+
 def test_serve_keeps_the_mesh_up_until_ctrl_c():
     p = subprocess.Popen([sys.executable, str(DEMO), "--serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=os.environ)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
+        lines = lines_until_serving(p)
         text = "".join(lines)
-        assert "Ctrl-C to stop" in text, text
         curl = next(line.strip() for line in lines if "x-virtual-env: dev.proj1.user9" in line and line.strip().startswith("curl"))
         body = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
         assert body.startswith("[springboot @ dev.proj1]"), body
@@ -112,17 +119,8 @@ def test_gateway_demo_serve_prints_curl_commands_that_work():
     p = subprocess.Popen([sys.executable, str(GATEWAY_DEMO), "--serve"], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=os.environ)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
+        lines = lines_until_serving(p)
         text = "".join(lines)
-        assert "Ctrl-C to stop" in text, text
         # No header, from the dev.proj2 caller's IP: its env from the caller table.
         curl = next(line.split("#")[0].strip() for line in lines if line.strip().startswith("curl")
                     and "--interface" in line and "caller dev.proj2" in line)

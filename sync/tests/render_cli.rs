@@ -75,12 +75,9 @@ fn golden(fixture: &str, got: &str) {
     );
 }
 
-#[test]
-fn alibaba_fixture() {
-    let (yaml, _) = render("alibaba", &[]);
-    let d = docs(&yaml);
-    let kinds: Vec<String> = d
-        .iter()
+/// `Kind/name` of each rendered object, in output order.
+fn kinds(docs: &[serde_json::Value]) -> Vec<String> {
+    docs.iter()
         .map(|o| {
             format!(
                 "{}/{}",
@@ -88,7 +85,14 @@ fn alibaba_fixture() {
                 o["metadata"]["name"].as_str().unwrap()
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn alibaba_fixture() {
+    let (yaml, _) = render("alibaba", &[]);
+    let d = docs(&yaml);
+    let kinds = kinds(&d);
     assert_eq!(
         kinds,
         [
@@ -125,16 +129,7 @@ fn alibaba_fixture() {
 fn endpoint_fixture() {
     let (yaml, _) = render("endpoint", &[]);
     let d = docs(&yaml);
-    let kinds: Vec<String> = d
-        .iter()
-        .map(|o| {
-            format!(
-                "{}/{}",
-                o["kind"].as_str().unwrap(),
-                o["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let kinds = kinds(&d);
     // No DestinationRule: one EnvoyFilter per Service with its clusters.
     assert_eq!(
         kinds,
