@@ -51,6 +51,8 @@ BINARIES = ("etcd", "kube-apiserver", "kubectl", "pilot-discovery")
 SERVICE_CIDR = "10.96.0.0/16"
 DOMAIN = "cluster.local"
 ISTIO_NAMESPACE = "istio-system"
+# etcd's data directory inside the work dir.
+ETCD_DATA = "etcd-data"
 
 
 class ControlPlaneError(RuntimeError):
@@ -206,8 +208,15 @@ class ControlPlane:
             p.stop()
         self.procs.clear()
         if self.dir and self.dir.exists():
-            if failed or self.keep:
+            if self.keep:
                 print(f"[controlplane] kept {self.dir}", file=sys.stderr, flush=True)
+            elif failed:
+                # Logs and configs are what a failure is read from; etcd's
+                # data (a preallocated 64 MB WAL) is not, and kept after
+                # every failed run it fills a disk.
+                shutil.rmtree(self.dir / ETCD_DATA, ignore_errors=True)
+                print(f"[controlplane] kept {self.dir} (logs; etcd data removed, "
+                      "ENVLANE_CONTROLPLANE_KEEP=1 keeps it)", file=sys.stderr, flush=True)
             else:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -336,7 +345,7 @@ class ControlPlane:
         p = self._spawn("etcd", [
             self.bin["etcd"],
             "--name", "envlane",
-            "--data-dir", str(self.dir / "etcd-data"),
+            "--data-dir", str(self.dir / ETCD_DATA),
             "--listen-client-urls", self.etcd_url,
             "--advertise-client-urls", self.etcd_url,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
