@@ -12,7 +12,9 @@ the compile included). Tables: S services × 10 envs; endpoint mode adds
 IP distinct). Per pair = (memory at the table - memory at a 1-service
 table) / pairs.
 
-    python3 benches/endpoint_memory.py [SERVICES ...]   # default 1000 10000
+    python3 benches/endpoint_memory.py [--wasm NAME=PATH ...] [SERVICES ...]
+        # default 1000 10000, the filter dist/envlane.wasm as "now"; several
+        # --wasm builds are measured side by side in one run
 Writes dist/bench/endpoint_memory.json.
 """
 
@@ -30,7 +32,7 @@ sys.path[:0] = [str(ROOT / "integration"), str(ROOT / "benches")]
 
 from envbench.common import wasm_memories_kib  # noqa: E402
 from harness import (  # noqa: E402
-    Envoy, ecds_resource, fqdn, free_port, sidecar_bootstrap, wait_for, wasm_filter_ecds, write_atomically,
+    WASM, Envoy, ecds_resource, fqdn, free_port, sidecar_bootstrap, wait_for, wasm_filter_ecds, write_atomically,
 )
 
 ENVS = 10
@@ -56,9 +58,9 @@ def table(services: int, mode: str) -> dict:
     return out
 
 
-def measure(config: dict, workdir: Path) -> dict:
+def measure(config: dict, workdir: Path, wasm: Path) -> dict:
     ecds = workdir / f"{config['revision']}.ecds.json"
-    write_atomically(ecds, ecds_resource(config))
+    write_atomically(ecds, ecds_resource(config, wasm))
     bootstrap = sidecar_bootstrap(pod="mem", labels={"app": "mem"}, listen_port=free_port(), admin_port=free_port(),
                                   virtual_hosts=[{"name": "any", "domains": ["*"], "routes": [
                                       {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}],
@@ -80,25 +82,37 @@ def measure(config: dict, workdir: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    sizes = [int(a) for a in argv] or [1000, 10000]
+    builds: dict[str, Path] = {}
+    sizes: list[int] = []
+    args = iter(argv)
+    for a in args:
+        if a == "--wasm":
+            name, _, path = next(args, "").partition("=")
+            builds[name] = Path(path)
+        else:
+            sizes.append(int(a))
+    builds = builds or {"now": WASM}
+    sizes = sizes or [1000, 10000]
     results = []
     with tempfile.TemporaryDirectory(prefix="envlane-endpoint-mem-") as tmp:
-        for mode in ["cluster", "endpoint"]:
-            base = measure(table(1, mode), Path(tmp))
-            results.append(base | {"mode": mode})
-            for services in sizes:
-                r = measure(table(services, mode), Path(tmp)) | {"mode": mode}
-                grown = max(r["wasm_kib"]) - max(base["wasm_kib"])
-                r["kib_per_pair_per_vm"] = round(grown / (r["pairs"] - base["pairs"]), 4)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+        for build, wasm in builds.items():
+            for mode in ["cluster", "endpoint"]:
+                base = measure(table(1, mode), Path(tmp), wasm) | {"mode": mode, "build": build}
+                results.append(base)
+                for services in sizes:
+                    r = measure(table(services, mode), Path(tmp), wasm) | {"mode": mode, "build": build}
+                    grown = max(r["wasm_kib"]) - max(base["wasm_kib"])
+                    r["kib_per_pair_per_vm"] = round(grown / (r["pairs"] - base["pairs"]), 4)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
     out = ROOT / "dist" / "bench" / "endpoint_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"| mode | pairs | addresses | Wasm linear memory per VM, KiB (largest first) | KiB per pair per VM |")
+    print("| build | mode | pairs | addresses | Wasm linear memory per VM, KiB (largest first) | KiB per pair per VM |")
     for r in results:
         addrs = "" if r["mode"] == "cluster" else "1-3 per pair"
-        print(f"| {r['mode']} | {r['pairs']:,} | {addrs} | {r['wasm_kib']} | {r.get('kib_per_pair_per_vm', '')} |")
+        print(f"| {r['build']} | {r['mode']} | {r['pairs']:,} | {addrs} | {r['wasm_kib']} | "
+              f"{r.get('kib_per_pair_per_vm', '')} |")
     return 0
 
 

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::limits::MAX_CONFIG_BYTES;
+use crate::pod_ips::EnvPodIps;
 
 pub const DEFAULT_ENV_HEADER: &str = "x-virtual-env";
 pub const DEFAULT_ENV_LABEL: &str = "virtual-env";
@@ -325,13 +326,9 @@ pub struct ServiceEntry {
     /// Endpoint mode: for each of `envs` (same order), the IPs of the
     /// service's Ready pods of that env, as Kubernetes writes them
     /// (canonical IPv4 or IPv6 text).
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        deserialize_with = "crate::limits::endpoints"
-    )]
-    #[cfg_attr(feature = "schema", schemars(length(max = crate::limits::MAX_ENVS), inner(length(min = 1, max = crate::limits::MAX_ENDPOINTS))))]
-    pub endpoints: Vec<Vec<String>>,
+    #[serde(default, skip_serializing_if = "EnvPodIps::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<Vec<String>>", length(max = crate::limits::MAX_ENVS), inner(length(min = 1, max = crate::limits::MAX_ENDPOINTS))))]
+    pub endpoints: EnvPodIps,
 }
 
 /// Caller pods of one env, by IP.

@@ -13,6 +13,7 @@ pub mod edge_rules;
 pub mod glue;
 pub mod limits;
 pub mod names;
+pub mod pod_ips;
 pub mod sources;
 pub mod table;
 pub mod unknown;

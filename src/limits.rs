@@ -75,42 +75,6 @@ impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Bounded<T> {
     }
 }
 
-/// A list of at most `max` lists of at most `inner` elements each.
-struct Nested<T> {
-    max: usize,
-    inner: usize,
-    what: &'static str,
-    item: PhantomData<T>,
-}
-
-impl<'de, T: Deserialize<'de>> Visitor<'de> for Nested<T> {
-    type Value = Vec<Vec<T>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a list of at most {} lists of {}", self.max, self.what)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Vec<T>>, A::Error> {
-        let hint = seq.size_hint().unwrap_or(0).min(self.max).min(4096);
-        let mut out = Vec::with_capacity(hint);
-        let each = || Bounded {
-            max: self.inner,
-            what: self.what,
-            item: PhantomData,
-        };
-        while let Some(item) = seq.next_element_seed(each())? {
-            if out.len() == self.max {
-                return Err(A::Error::custom(format_args!(
-                    "more than {} lists of {} (limit)",
-                    self.max, self.what
-                )));
-            }
-            out.push(item);
-        }
-        Ok(out)
-    }
-}
-
 fn bounded<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -169,13 +133,4 @@ pub(crate) fn rule_values<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>
 
 pub(crate) fn env_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
     bounded(d, MAX_ENVS, "envs")
-}
-
-pub(crate) fn endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<String>>, D::Error> {
-    d.deserialize_seq(Nested {
-        max: MAX_ENVS,
-        inner: MAX_ENDPOINTS,
-        what: "endpoint addresses",
-        item: PhantomData,
-    })
 }

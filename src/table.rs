@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
 
 use crate::callers::CallerTable;
 use crate::config::{ConfigError, EnvAlias, Mode, PluginConfig, Proxy, ServiceEntry};
 use crate::edge_rules::EdgeRules;
 use crate::limits::{MAX_ENDPOINTS, MAX_PAIRS, MAX_TARGETS};
 use crate::names::{check_env, EnvName, ServiceHost, Splitter, SubsetName};
+use crate::pod_ips::{text_len, write_socket_address};
 
 /// Where the caller sidecar runs, from its node metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -354,22 +356,20 @@ impl RoutingTable {
                     }
                     (Mode::Host, None) => {}
                     (Mode::Endpoint, _) => {
-                        let ips = entry.endpoints.get(j).map_or(&[][..], Vec::as_slice);
-                        let at = |k: usize| format!("services[{i}].endpoints[{j}][{k}]");
-                        if ips.is_empty() {
+                        // Each address was checked (canonical) while parsing.
+                        let ips = entry.endpoints.get(j).unwrap_or_default();
+                        let n = ips.clone().count();
+                        if n == 0 {
                             return Err(ConfigError::new(
                                 format!("services[{i}].endpoints[{j}]"),
                                 "an env of the service has at least one pod IP",
                             ));
                         }
-                        for (k, ip) in ips.iter().enumerate() {
-                            check_ip(ip).map_err(|e| ConfigError::new(at(k), e))?;
-                        }
-                        size = u32::try_from(ips.len())
+                        size = u32::try_from(n)
                             .map_err(|_| ConfigError::new(field("endpoints"), "too many"))?;
                         for &(_, target_port) in &port_pairs {
-                            for ip in ips {
-                                targets.push_endpoint(ip, target_port)?;
+                            for ip in ips.clone() {
+                                targets.push_endpoint(&ip, target_port)?;
                             }
                         }
                     }
@@ -579,24 +579,11 @@ pub fn endpoint_cluster(port: u16, fqdn: &str) -> String {
     istio_cluster(port, ENDPOINT_CLUSTER_SUBSET, fqdn)
 }
 
-/// A pod IP as endpoint mode writes it: canonical IPv4 (`10.0.0.1`) or IPv6
-/// (`fd00::1`) text, so `IP:PORT` is what Envoy parses and the target
-/// buffer's size is known from the text.
-pub fn check_ip(ip: &str) -> Result<(), String> {
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(addr) if addr.to_string() == ip => Ok(()),
-        Ok(addr) => Err(format!("`{ip}` is not canonical (write `{addr}`)")),
-        Err(_) => Err(format!("`{ip}` is not an IPv4 or IPv6 address")),
-    }
-}
-
 /// `IP:PORT` (`[IP]:PORT` for IPv6), as Envoy parses a socket address.
-pub fn socket_address(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
+pub fn socket_address(ip: &IpAddr, port: u16) -> String {
+    let mut out = String::new();
+    let _ = write_socket_address(&mut out, ip, port);
+    out
 }
 
 /// Istio's name of a service port's cluster, `outbound|PORT|SUBSET|FQDN`;
@@ -725,12 +712,8 @@ impl Targets {
     }
 
     /// `IP:PORT` or `[IP]:PORT`.
-    fn push_endpoint(&mut self, ip: &str, port: u16) -> Result<(), ConfigError> {
-        let _ = if ip.contains(':') {
-            write!(self.text, "[{ip}]:{port}")
-        } else {
-            write!(self.text, "{ip}:{port}")
-        };
+    fn push_endpoint(&mut self, ip: &IpAddr, port: u16) -> Result<(), ConfigError> {
+        let _ = write_socket_address(&mut self.text, ip, port);
         self.close()
     }
 
@@ -759,9 +742,7 @@ fn target_count(s: &ServiceEntry, mode: Mode) -> usize {
 
 /// Endpoint mode: the pod IPs a service lists, all envs together.
 fn endpoint_count(s: &ServiceEntry) -> usize {
-    s.endpoints
-        .iter()
-        .fold(0usize, |n, ips| n.saturating_add(ips.len()))
+    s.endpoints.addr_count()
 }
 
 /// Endpoint mode: the bytes of a service's targets (an upper bound when the
@@ -779,10 +760,10 @@ fn endpoint_bytes(s: &ServiceEntry) -> usize {
                 + 1
                 + s.host.len(),
         );
-        for ips in &s.endpoints {
+        for ips in s.endpoints.iter() {
             for ip in ips {
-                let brackets = if ip.contains(':') { 2 } else { 0 };
-                let each = ip.len() + brackets + 1 + decimal_len(target);
+                let brackets = if ip.is_ipv6() { 2 } else { 0 };
+                let each = text_len(&ip) + brackets + 1 + decimal_len(target);
                 bytes = bytes.saturating_add(each);
             }
         }
@@ -1110,7 +1091,7 @@ mod tests {
                     ports: vec![80, 8080, 9, 65535],
                     envs: vec![0, 2, 1],
                     target_ports: Vec::new(),
-                    endpoints: Vec::new(),
+                    endpoints: Default::default(),
                 })
                 .collect(),
             ..PluginConfig::default()
@@ -1144,7 +1125,7 @@ mod tests {
                 ports: vec![8080],
                 envs: vec![0],
                 target_ports: Vec::new(),
-                endpoints: Vec::new(),
+                endpoints: Default::default(),
             }],
             ..PluginConfig::default()
         };
@@ -1179,7 +1160,7 @@ mod tests {
                 ports: vec![9090, 80],
                 envs: vec![1, 0],
                 target_ports: Vec::new(),
-                endpoints: Vec::new(),
+                endpoints: Default::default(),
             }],
             ..PluginConfig::default()
         };

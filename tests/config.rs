@@ -320,7 +320,7 @@ fn limits_are_checked_before_allocating() {
             ports: vec![80],
             envs: vec![0; limits::MAX_PAIRS / 4],
             target_ports: Vec::new(),
-            endpoints: Vec::new(),
+            endpoints: Default::default(),
         })
         .collect();
     let err = RoutingTable::compile(&cfg, &Node::default()).unwrap_err();
@@ -423,8 +423,27 @@ fn endpoint_addresses_are_limited() {
         .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
         .collect();
     let ips = serde_json::to_string(&ips).unwrap();
-    let json = format!(
-        r#"{{"mode":"endpoint","envs":[{{"name":"dev"}},{{"name":"dev.a"}}],"services":[{{"host":"a.ns.svc.cluster.local","ports":[80],"envs":[0,1],"endpoints":[{ips},{ips}]}}]}}"#
+    let service = |name: &str, lists: &str| {
+        format!(
+            r#"{{"host":"{name}.ns.svc.cluster.local","ports":[80],"envs":[0,1],"endpoints":[{lists}]}}"#
+        )
+    };
+    let table = |services: &[String]| {
+        format!(
+            r#"{{"mode":"endpoint","envs":[{{"name":"dev"}},{{"name":"dev.a"}}],"services":[{}]}}"#,
+            services.join(",")
+        )
+    };
+    // One service over the limit stops while parsing, at the address past it.
+    let one = table(&[service("a", &format!("{ips},{ips}"))]);
+    assert_eq!(
+        check(&one).err().as_deref(),
+        Some(format!("services[0].endpoints[1][{}]", limits::MAX_ENDPOINTS / 2).as_str())
     );
-    assert_eq!(check(&json).err().as_deref(), Some("services"));
+    // Services under it each, over it together: counted before compiling.
+    let two = table(&[
+        service("a", &format!("{ips},[\"10.0.0.1\"]")),
+        service("b", &format!("[\"10.0.0.2\"],{ips}")),
+    ]);
+    assert_eq!(check(&two).err().as_deref(), Some("services"));
 }

@@ -15,7 +15,7 @@ use envlane::glue::{
     COUNTER_CONFIG_UNKNOWN_FIELDS, COUNTER_EDGE_STRIPPED, COUNTER_INVALID_ENV,
     COUNTER_ROUTE_FAILED, MAX_PENDING_EXPLANATIONS,
 };
-use envlane::table::{endpoint_cluster, socket_address};
+use envlane::table::endpoint_cluster;
 use envlane::wire::HeaderMap;
 
 /// Which host calls fail.
@@ -969,7 +969,10 @@ fn endpoints_json() -> String {
 fn addresses(service: &str, env: &str) -> Vec<String> {
     pod_ips(service, env)
         .iter()
-        .map(|ip| socket_address(ip, TARGET_PORT))
+        .map(|ip| match ip.contains(':') {
+            true => format!("[{ip}]:{TARGET_PORT}"),
+            false => format!("{ip}:{TARGET_PORT}"),
+        })
         .collect()
 }
 

@@ -210,7 +210,7 @@ fn check_table(cfg: &PluginConfig, node: &Node, table: &RoutingTable) {
                             // Every pick is one of the env's addresses on
                             // the port's target port.
                             let j = entry.envs.iter().position(|&e| e == id).expect("has");
-                            let ips = &entry.endpoints[j];
+                            let ips: Vec<_> = entry.endpoints.get(j).expect("an env's pods").collect();
                             let n = svc.endpoint_count(id);
                             assert_eq!(n, ips.len());
                             let slot = entry.ports.iter().position(|&q| q == p).expect("port");

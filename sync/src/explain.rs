@@ -223,14 +223,14 @@ mod tests {
                     ports: vec![8080],
                     envs: vec![0, 2],
                     target_ports: Vec::new(),
-                    endpoints: Vec::new(),
+                    endpoints: Default::default(),
                 },
                 ServiceEntry {
                     host: "java.demo.svc.cluster.local".into(),
                     ports: vec![8080],
                     envs: vec![1],
                     target_ports: Vec::new(),
-                    endpoints: Vec::new(),
+                    endpoints: Default::default(),
                 },
             ],
             ..PluginConfig::default()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use envlane::config::{ConfigError, EnvEntry, Mode, PluginConfig, Proxy, ServiceEntry};
 use envlane::names::{fnv1a64, EnvName, Splitter, SubsetName};
+use envlane::pod_ips::EnvPodIps;
 use envlane::table::{HostTemplate, Node, RoutingTable};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -653,18 +654,24 @@ pub fn render<'a>(
                 .copied()
                 .filter(|e| env_index.contains_key(e))
                 .collect();
-            let (target_ports, endpoints) =
-                match endpoint_of.get(&(svc.namespace.as_str(), svc.name.as_str())) {
-                    Some(found) => (
-                        found.ports.iter().map(|p| p.target).collect(),
+            let host = fqdn(svc, &settings.cluster_domain);
+            let (target_ports, endpoints) = match endpoint_of
+                .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            {
+                Some(found) => (
+                    found.ports.iter().map(|p| p.target).collect(),
+                    EnvPodIps::try_new(
                         envs.iter()
-                            .map(|e| found.by_env.get(*e).cloned().unwrap_or_default())
-                            .collect(),
-                    ),
-                    None => (Vec::new(), Vec::new()),
-                };
-            ServiceEntry {
-                host: fqdn(svc, &settings.cluster_domain),
+                            .map(|e| found.by_env.get(*e).map(Vec::as_slice).unwrap_or_default()),
+                    )
+                    .map_err(|e| {
+                        RenderError::InvalidTable(ConfigError::new(format!("{host}: endpoints"), e))
+                    })?,
+                ),
+                None => (Vec::new(), EnvPodIps::default()),
+            };
+            Ok(ServiceEntry {
+                host,
                 ports,
                 envs: envs
                     .iter()
@@ -672,9 +679,9 @@ pub fn render<'a>(
                     .collect(),
                 target_ports,
                 endpoints,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, RenderError>>()?;
     service_entries.sort_by(|a, b| a.host.cmp(&b.host));
     table.services = service_entries;
     table.revision = Some(short_hash(&table));

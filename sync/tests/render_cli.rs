@@ -155,7 +155,7 @@ fn endpoint_fixture() {
         (vec![8080, 9090], vec![9080, 9091])
     );
     assert_eq!(java.endpoints.len(), 3);
-    assert!(java.endpoints.iter().all(|ips| ips.len() == 1));
+    assert!(java.endpoints.iter().all(|ips| ips.count() == 1));
     let table = RoutingTable::compile(&t, &Node::default()).unwrap();
     // Each EnvoyFilter: the ports' ORIGINAL_DST clusters, then the route patches mapping them.
     for ef in d.iter().filter(|o| o["kind"] == "EnvoyFilter") {

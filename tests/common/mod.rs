@@ -3,6 +3,7 @@
 
 use envlane::config::{EnvEntry, Mode, PluginConfig, ServiceEntry};
 use envlane::decide::Headers;
+use envlane::pod_ips::EnvPodIps;
 use envlane::table::{Node, RoutingTable};
 use envlane::wire::HeaderMap;
 
@@ -26,7 +27,7 @@ pub fn config(services: &[(&str, u16, &[&str])], default_env: Option<&str>) -> P
             ports: vec![*port],
             envs: ids,
             target_ports: Vec::new(),
-            endpoints: Vec::new(),
+            endpoints: Default::default(),
         });
     }
     PluginConfig {
@@ -96,11 +97,12 @@ pub fn alibaba_endpoints() -> PluginConfig {
     for svc in &mut cfg.services {
         let name = svc.host.split('.').next().unwrap_or_default().to_string();
         svc.target_ports = vec![TARGET_PORT];
-        svc.endpoints = svc
-            .envs
-            .iter()
-            .map(|&id| pod_ips(&name, envs.get(id as usize).map_or("", String::as_str)))
-            .collect();
+        svc.endpoints = EnvPodIps::try_new(
+            svc.envs
+                .iter()
+                .map(|&id| pod_ips(&name, envs.get(id as usize).map_or("", String::as_str))),
+        )
+        .expect("canonical test IPs");
     }
     cfg
 }
