@@ -157,7 +157,7 @@ fn config(pods: usize) -> PluginConfig {
                 ports: vec![8080],
                 envs: ids.clone(),
                 target_ports: Vec::new(),
-                endpoints: Vec::new(),
+                endpoints: Default::default(),
             })
             .collect(),
         ..PluginConfig::default()

@@ -99,7 +99,7 @@ fn config(services: usize, envs: usize) -> PluginConfig {
                 ports: vec![8080],
                 envs: ids.clone(),
                 target_ports: Vec::new(),
-                endpoints: Vec::new(),
+                endpoints: Default::default(),
             })
             .collect(),
         ..PluginConfig::default()
