@@ -373,15 +373,15 @@ class Envoy:
         ] + (extra_args or [])
         self.process = Process(name, argv, workdir)
 
-    def admin(self, path: str) -> str:
-        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2)[2]
+    def admin(self, path: str, timeout: float = 2) -> str:
+        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=timeout)[2]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         wait_for(lambda: self.admin("/ready").strip() == "LIVE", f"{self.name} ready", timeout, self.process)
 
-    def stats(self, pattern: str = "") -> dict[str, int]:
+    def stats(self, pattern: str = "", timeout: float = 2) -> dict[str, int]:
         out = {}
-        for line in self.admin(f"/stats?filter={pattern}").splitlines():
+        for line in self.admin(f"/stats?filter={pattern}", timeout).splitlines():
             k, _, v = line.partition(": ")
             if v.strip().lstrip("-").isdigit():
                 out[k] = int(v)
