@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    StartOrClose, passthrough_vhost,
     SYNC, TESTAPP, Envoy, Process, Topology, apply_route_patches, config_events, ecds_resource, fqdn, free_port,
     http_get, service_domains, sidecar_bootstrap, wait_for, wasm_filter_ecds, write_atomically,
 )
@@ -85,7 +86,7 @@ def _ip_key(ip: str) -> tuple[int, ...]:
 
 
 @dataclass
-class EndpointMesh:
+class EndpointMesh(StartOrClose):
     """A running topology in endpoint mode. `plugin_config` is the
     hand-written (cluster-mode) table; `table()` makes its endpoint-mode
     form from the pods."""
@@ -164,17 +165,8 @@ class EndpointMesh:
         clusters += [original_dst_cluster(name) for name in sorted(targets)]
         if apply_route_patches(vhosts, self.patches["configPatches"]) != len(topo.services):
             raise RuntimeError(f"route patches did not patch every service: {self.patches}")
-        vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]})
+        vhosts.append(passthrough_vhost())
         return vhosts, clusters
-
-    def start(self) -> "EndpointMesh":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         topo = self.topology

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    StartOrClose, passthrough_vhost,
     NAMESPACE, TESTAPP, Envoy, Mesh, Process, Topology, apply_route_patches, config_events, ecds_resource, envoy_bin,
     fqdn, free_port, route_patches, service_domains, sidecar_bootstrap, static_cluster, wait_for, wasm_filter_ecds,
     write_atomically,
@@ -118,7 +119,7 @@ class GatewayApp:
 
 
 @dataclass
-class GatewayMesh:
+class GatewayMesh(StartOrClose):
     """A running topology behind one gateway Envoy and no sidecar.
 
     `plugin_config` is the topology's table; the gateway gets it with
@@ -203,17 +204,8 @@ class GatewayMesh:
         # As istiod merges envlane-sync's route EnvoyFilters into its routes.
         if Mesh._valid_table(self.plugin_config):
             apply_route_patches(vhosts, route_patches(self.plugin_config))
-        vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]})
+        vhosts.append(passthrough_vhost())
         return vhosts, clusters
-
-    def start(self) -> "GatewayMesh":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         topo = self.topology

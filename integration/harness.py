@@ -407,8 +407,35 @@ class App:
         self.process.close()
 
 
+def passthrough_vhost() -> dict:
+    """Istio's catch-all virtual host: whatever is not a known service is
+    "passthrough" (a 404 saying so here)."""
+    return {"name": "allow_any", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]}
+
+
+class StartOrClose:
+    """`start()` runs the subclass's `_start()`; if that fails, whatever it
+    had started is closed before the error goes on (no process outlives a
+    failed start)."""
+
+    def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Mesh:
+class Mesh(StartOrClose):
     """A running topology. `plugin_config` is pushed to every sidecar via ECDS."""
 
     topology: Topology
@@ -462,9 +489,7 @@ class Mesh:
             config = self.route_table or self.plugin_config
             if isinstance(config, dict) and self._valid_table(config):
                 apply_route_patches(vhosts, route_patches(config))
-        # Istio's catch-all: whatever is not a known service is "passthrough" (404 here).
-        vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "passthrough\n"}}}]})
+        vhosts.append(passthrough_vhost())
         return vhosts, clusters
 
     @staticmethod
@@ -477,14 +502,6 @@ class Mesh:
             return subprocess.run([str(SYNC), "validate", f.name], capture_output=True, timeout=30).returncode == 0
         finally:
             os.unlink(f.name)
-
-    def start(self) -> "Mesh":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         topo = self.topology
