@@ -72,13 +72,7 @@ def waypoint_bootstrap(*, ns: str, gateway: str, pod: str, ip: str, xds: str, sd
         "SERVICE_ACCOUNT": gateway,
         "OWNER": f"kubernetes://apis/apps/v1/namespaces/{ns}/deployments/{gateway}",
     })
-    xds_cluster = boot["static_resources"]["clusters"][0]
-    boot["static_resources"]["clusters"].append({
-        "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
-        "typed_extension_protocol_options": xds_cluster["typed_extension_protocol_options"],
-        "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [{
-            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": sds_port}}}}]}]},
-    })
+    sc.add_sds_cluster(boot, sds_port)
     boot["bootstrap_extensions"] = [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
         "buffer_size_kb": 64}}]

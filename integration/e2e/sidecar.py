@@ -152,6 +152,18 @@ class Sidecar:
         self.envoy.close()
 
 
+def add_sds_cluster(boot: dict, sds_port: int) -> None:
+    """The `sds-grpc` cluster istio-agent's bootstrap has, pointed at a
+    stand-in SDS server on loopback (gRPC, as the xDS cluster)."""
+    xds_cluster = boot["static_resources"]["clusters"][0]
+    boot["static_resources"]["clusters"].append({
+        "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": xds_cluster["typed_extension_protocol_options"],
+        "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": sds_port}}}}]}]},
+    })
+
+
 def sections(dump: dict) -> dict[str, dict]:
     """config_dump sections by short type name (ListenersConfigDump, ...)."""
     return {c["@type"].rsplit(".", 1)[-1]: c for c in dump["configs"]}

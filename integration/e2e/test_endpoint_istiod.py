@@ -115,13 +115,7 @@ class SdsSidecar(sc.Sidecar):
         self.egress = f"{ip}:{port}"
         boot = sc.bootstrap(ns=ns, pod=pod, ip=ip, labels=labels, xds=xds, admin_port=free_port())
         boot["node"]["metadata"]["SERVICE_ACCOUNT"] = labels.get("app", "default")
-        xds_cluster = boot["static_resources"]["clusters"][0]
-        boot["static_resources"]["clusters"].append({
-            "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
-            "typed_extension_protocol_options": xds_cluster["typed_extension_protocol_options"],
-            "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [{
-                "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": sds_port}}}}]}]},
-        })
+        sc.add_sds_cluster(boot, sds_port)
         self.envoy = Envoy(f"envoy-{ns}-{pod}", boot, workdir)
 
 
