@@ -26,9 +26,7 @@
 //! table, v4 and v6, in turn: a busy gateway's many peers, so at 100k pods
 //! the looked-up entries are mostly not in L1/L2).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -38,47 +36,9 @@ use envlane::decide::{plan_for, CallerAt, Plan};
 use envlane::table::{Node, RoutingTable};
 use envlane::wire::HeaderMap;
 
-/// Counts heap allocations (alloc and realloc) and live bytes (the pattern
-/// of benches/resolve.rs).
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn allocs_per_call(n: u64, mut f: impl FnMut()) -> f64 {
-    let before = ALLOCS.load(Ordering::Relaxed);
-    for _ in 0..n {
-        f();
-    }
-    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / n as f64
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{allocs_per_call, live};
 
 /// (label, caller pods)
 const SIZES: &[(&str, usize)] = &[
@@ -278,29 +238,29 @@ fn print_table_costs() {
                 return;
             };
             parse_s = parse_s.min(t0.elapsed().as_secs_f64());
-            let base = LIVE.load(Ordering::Relaxed);
+            let base = live();
             let t1 = Instant::now();
             let Ok(t) = RoutingTable::compile(&parsed, &node()) else {
                 return;
             };
             compile_s = compile_s.min(t1.elapsed().as_secs_f64());
-            kept = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+            kept = live().saturating_sub(base);
             drop(black_box(t));
 
-            let base = LIVE.load(Ordering::Relaxed);
+            let base = live();
             let Ok(t) = RoutingTable::compile(&bare, &node()) else {
                 return;
             };
-            kept_bare = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+            kept_bare = live().saturating_sub(base);
             drop(black_box(t));
 
-            let base = LIVE.load(Ordering::Relaxed);
+            let base = live();
             let t2 = Instant::now();
             let Ok(c) = CallerTable::compile(&parsed.callers, &[], ENVS) else {
                 return;
             };
             callers_s = callers_s.min(t2.elapsed().as_secs_f64());
-            callers_kept = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+            callers_kept = live().saturating_sub(base);
             drop(black_box(c));
         }
         println!(

@@ -9,9 +9,7 @@
 //! `dev.team3` finds its subset at level 1; `dev.team3.u1` at level 2 (one
 //! fallback); `dev.team3.u1.x` at 3; `dev.team3.u1.x.y` at 4.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -20,60 +18,9 @@ use envlane::decide::{plan, resolve, Plan};
 use envlane::table::{Node, RoutingTable};
 use envlane::wire::HeaderMap;
 
-/// Counts heap allocations (alloc and realloc), to report them per call.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-/// Live heap bytes, and the most seen since the last `reset_peak`.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
-
-// SAFETY: forwards every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        grew(layout.size());
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        grew(new_size);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocations made by `f`, per call, over `n` calls.
-fn allocs_per_call(n: u64, mut f: impl FnMut()) -> f64 {
-    let before = ALLOCS.load(Ordering::Relaxed);
-    for _ in 0..n {
-        f();
-    }
-    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / n as f64
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{allocs_per_call, live, peak, reset_peak};
 
 /// (label, services, envs per service)
 const SIZES: &[(&str, usize, usize)] = &[("10", 1, 10), ("1k", 100, 10), ("100k", 10_000, 10)];
@@ -137,15 +84,15 @@ fn print_config_costs() {
             return;
         };
         let t1 = Instant::now();
-        let parse_peak = PEAK.load(Ordering::Relaxed) - base;
-        let parsed_live = LIVE.load(Ordering::Relaxed) - base;
+        let parse_peak = peak() - base;
+        let parsed_live = live() - base;
         let Ok(table) = RoutingTable::compile(&parsed, &node()) else {
             return;
         };
         let t2 = Instant::now();
-        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let peak = peak() - base;
         drop(parsed);
-        let kept = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+        let kept = live().saturating_sub(base);
         println!(
             "CONFIG pairs={label} json_bytes={} parse_ms={:.2} compile_ms={:.2} parse_peak_bytes={parse_peak} \
              parsed_config_bytes={parsed_live} peak_bytes={peak} table_bytes={kept}",
